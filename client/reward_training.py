@@ -1,0 +1,128 @@
+"""Train the reward adapter + head on local comparisons, with DP-SGD (Opacus).
+
+The privacy unit is one comparison. Each step scores the chosen and the rejected
+texts in two forward passes whose batch dimension is the comparison, so Opacus
+computes and clips one gradient per comparison (folding the pair into a batch of
+2B sequences would clip per sequence and silently double the sensitivity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants import IAccountant
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.losses import bradley_terry_loss
+from common.model import EncodedPairs, RewardModel
+from common.privacy import DPEvent
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    mean_loss: float
+    event: DPEvent | None
+    """The DP run this training added to the accountant (None without DP)."""
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding columns that no row in the batch uses."""
+    width = int(mask.sum(dim=1).max()) if mask.shape[0] else 1
+    return ids[:, :width], mask[:, :width]
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+    while True:
+        yield from loader
+
+
+def _pair_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    chosen_ids, chosen_mask, rejected_ids, rejected_mask = batch
+    chosen = model(*_trim(chosen_ids, chosen_mask))
+    rejected = model(*_trim(rejected_ids, rejected_mask))
+    return bradley_terry_loss(chosen, rejected)
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """An empty Poisson batch still takes a (pure noise) step, as the accounting assumes."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
+
+
+def train_reward_model(
+    model: RewardModel,
+    pairs: EncodedPairs,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    dp: DPSettings | None,
+    accountant: IAccountant | None = None,
+    seed: int = 0,
+) -> TrainResult:
+    """Run ``steps`` optimizer steps of Bradley-Terry training on ``pairs``.
+
+    With ``dp``, batches are Poisson-sampled at rate ``batch_size / len(pairs)``,
+    per-comparison gradients are clipped to ``max_grad_norm`` and Gaussian noise is
+    added (Opacus); ``accountant`` (holding the client's history) records the run.
+    Without ``dp``, batches are shuffled and no privacy is claimed.
+    """
+    if len(pairs) == 0:
+        raise ValueError("no comparisons to train on")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    dataset = TensorDataset(pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(pairs)), shuffle=dp is None, generator=generator)
+
+    model.train()  # Opacus captures activations only in training mode
+    trained: torch.nn.Module = model
+    event = None
+    if dp is not None:
+        if accountant is None:
+            raise ValueError("DP training needs the client's accountant")
+        engine = PrivacyEngine()
+        engine.accountant = accountant
+        trained, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+            noise_generator=torch.Generator().manual_seed(seed + 1),
+        )
+        event = DPEvent(dp.noise_multiplier, loader.sample_rate, steps)
+
+    losses: list[float] = []
+    try:
+        batches = _batches(loader)
+        for _ in range(steps):
+            batch = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            if batch[0].shape[0] == 0:
+                _noise_only_step(optimizer, params)
+                continue
+            loss = _pair_loss(trained, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+        if isinstance(trained, GradSampleModule):
+            trained._close()  # remove hooks and per-sample buffers from `model`
+        for p in params:
+            p.grad = None
+    return TrainResult(steps=steps, mean_loss=sum(losses) / max(1, len(losses)), event=event)

@@ -1,0 +1,226 @@
+"""The run configuration: one typed schema, defaults in one place.
+
+Flower hands every app a flat ``run_config`` dict (``[tool.flwr.app.config]`` in
+pyproject.toml plus ``--run-config`` overrides) whose keys look like
+``reward.learning-rate``. :func:`RunConfig.from_flower` turns it into the nested,
+typed dataclasses below and refuses unknown keys and wrong types, naming the key.
+``tests/test_config.py`` checks that pyproject.toml lists exactly these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, has the wrong type, or an invalid value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shared base model and the LoRA adapters put on it."""
+
+    base: str = "builtin:tiny"
+    """A local directory or hub id for ``from_pretrained``; ``builtin:tiny`` is a small
+    randomly initialised Llama-style model with a byte-level tokenizer (tests)."""
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"
+    """Comma-separated module names, or ``all-linear``. Fewer adapter parameters mean
+    less DP noise in total, and fewer bytes on the wire."""
+    reward_pooling: str = "mean"
+    """How the reward head reads the sequence: ``mean`` of the final hidden states
+    over all tokens, or the ``last`` token's (as Hugging Face's classifiers do)."""
+    max_length: int = 96
+    """Prompt + response tokens; longer texts are truncated from the left of the
+    prompt so the response is always scored whole."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward-model rounds: Bradley-Terry on local comparisons."""
+
+    rounds: int = 12
+    local_epochs: float = 1.0
+    """Expected passes over the local training comparisons per round; with Poisson
+    sampling the number of steps is ``round(local_epochs / sample_rate)``."""
+    batch_size: int = 64
+    """Expected number of comparisons per step (Poisson sampling draws around it)."""
+    learning_rate: float = 3e-3
+    heldout_fraction: float = 0.1
+    """Share of local comparisons (chosen by content hash, so stable across runs) kept
+    out of training for federated evaluation."""
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Example-level DP-SGD on every client, accounted over the whole run."""
+
+    enabled: bool = True
+    """DP can be switched off only explicitly; every report then says so."""
+    epsilon: float = 8.0
+    """Each client's total budget over all rounds and phases (and earlier runs on
+    the same store)."""
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    """Per-example clipping norm C."""
+    noise: str = "calibrated"
+    """``calibrated``: each round, pick the smallest noise multiplier with which the
+    rounds still planned fit the remaining budget. ``fixed``: use noise_multiplier."""
+    noise_multiplier: float = 1.0
+    accountant: str = "rdp"
+    """``rdp`` or ``prv`` (Opacus accountants)."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Client sampling and secure aggregation."""
+
+    min_clients: int = 2
+    """Clients that must be connected before a round starts, and that must
+    survive a round for its aggregate to be used."""
+    fraction_train: float = 1.0
+    secure_aggregation: bool = True
+    secagg_shares: float = 1.0
+    """Shares per client as a fraction of the sampled clients (Flower's num_shares)."""
+    secagg_threshold: float = 0.6
+    """Shares needed to unmask, as a fraction of the shares: the round survives up
+    to (1 - threshold) of the sampled clients dropping out."""
+    secagg_clipping_range: float = 4.0
+    """Update values (and scaled statistics) are clipped to +-this before
+    quantization; clients refuse to send values outside it."""
+    secagg_quantization_range: int = 4194304
+    round_timeout: float = 600.0
+    """Seconds to wait for replies in each stage of a round."""
+    node_wait_timeout: float = 600.0
+    """Seconds to wait for min_clients nodes to connect."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the coordinator turns the mean client update into the next model."""
+
+    optimizer: str = "fedavg"
+    """``fedavg`` (global += lr * mean update) or ``fedadam``."""
+    learning_rate: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where each client finds its local store."""
+
+    store: str = "fedrlhf-store.sqlite"
+    """Path of the client's SQLite store, used when the SuperNode's node config has
+    no ``store`` key. ``{partition-id}`` is replaced by the node's partition id."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; mirrors ``[tool.flwr.app.config]``."""
+
+    seed: int = 0
+    run_dir: str = "runs/latest"
+    """Where the server writes checkpoints, state, metrics and the report."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config; missing keys take the defaults."""
+        remaining = dict(run_config)
+        config = _build(cls, "", remaining)
+        if remaining:
+            raise ConfigError(f"unknown run-config key(s): {', '.join(sorted(remaining))}")
+        config.validate()
+        return config
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """The flat ``section.key-name`` form Flower uses (and pyproject.toml holds)."""
+        return _flatten(self, "")
+
+    def replace(self, **flat: bool | int | float | str) -> RunConfig:
+        """A copy with some flat keys overridden, e.g. ``replace(**{"reward.rounds": 3})``."""
+        return RunConfig.from_flower({**self.to_flower(), **flat})
+
+    def validate(self) -> None:
+        """Refuse values that are well-typed but meaningless."""
+        checks = [
+            (self.model.lora_rank > 0, "model.lora-rank must be > 0"),
+            (self.model.max_length >= 8, "model.max-length must be >= 8"),
+            (self.model.reward_pooling in ("mean", "last"), "model.reward-pooling must be 'mean' or 'last'"),
+            (self.reward.rounds >= 0, "reward.rounds must be >= 0"),
+            (self.reward.local_epochs > 0, "reward.local-epochs must be > 0"),
+            (self.reward.batch_size > 0, "reward.batch-size must be > 0"),
+            (0 <= self.reward.heldout_fraction < 1, "reward.heldout-fraction must be in [0, 1)"),
+            (self.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
+            (0 < self.privacy.delta < 1, "privacy.delta must be in (0, 1)"),
+            (self.privacy.max_grad_norm > 0, "privacy.max-grad-norm must be > 0"),
+            (self.privacy.noise in ("calibrated", "fixed"), "privacy.noise must be 'calibrated' or 'fixed'"),
+            (self.privacy.noise_multiplier > 0, "privacy.noise-multiplier must be > 0"),
+            (self.privacy.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
+            (self.federation.min_clients >= 1, "federation.min-clients must be >= 1"),
+            (0 < self.federation.fraction_train <= 1, "federation.fraction-train must be in (0, 1]"),
+            (0 < self.federation.secagg_shares <= 1, "federation.secagg-shares must be in (0, 1]"),
+            (0 < self.federation.secagg_threshold <= 1, "federation.secagg-threshold must be in (0, 1]"),
+            (self.federation.secagg_clipping_range > 0, "federation.secagg-clipping-range must be > 0"),
+            (self.server.optimizer in ("fedavg", "fedadam"), "server.optimizer must be 'fedavg' or 'fedadam'"),
+            (self.server.learning_rate > 0, "server.learning-rate must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.federation.secure_aggregation and self.federation.min_clients < 2:
+            raise ConfigError("secure aggregation needs federation.min-clients >= 2")
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}{name.replace('_', '-')}"
+
+
+def _build(schema: type, prefix: str, remaining: dict[str, Any]) -> Any:
+    hints = get_type_hints(schema)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _build(kind, _key(prefix, f.name) + ".", remaining)
+            continue
+        key = _key(prefix, f.name)
+        if key not in remaining:
+            continue
+        values[f.name] = _coerce(key, remaining.pop(key), kind)
+    return schema(**values)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"run-config key {key!r} must be true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"run-config key {key!r} must be an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"run-config key {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _flatten(config: Any, prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(_flatten(value, _key(prefix, f.name) + "."))
+        else:
+            flat[_key(prefix, f.name)] = value
+    return flat

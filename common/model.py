@@ -1,0 +1,281 @@
+"""The shared base model, its tokenizer, and the LoRA reward model on top of it.
+
+One frozen copy of a Hugging Face causal LM serves every role: the reward model is
+the LoRA adapter ``reward`` plus a scalar head on the last token's hidden state.
+Only the adapter and the head are trained, sent and checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from common.config import ModelConfig
+
+BUILTIN_TINY = "builtin:tiny"
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<eos>"
+REWARD_ADAPTER = "reward"
+REWARD_HEAD_FILE = "reward_head.safetensors"
+
+# Shape of the built-in tiny base: big enough to learn a small grammar, small enough
+# that a federated DP run over several organizations takes minutes on two cores.
+TINY_HIDDEN = 64
+TINY_LAYERS = 2
+TINY_HEADS = 4
+TINY_INTERMEDIATE = 128
+TINY_MAX_POSITIONS = 256
+
+
+def build_byte_level_tokenizer(
+    corpus: Iterable[str] = (), vocab_size: int = 259
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer: every UTF-8 text maps to tokens, nothing is <unk>.
+
+    With no corpus it is pure bytes (256 symbols plus specials); with a corpus, BPE
+    merges learned from it shorten frequent words to single tokens.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN
+    )
+
+
+def build_tiny_base(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+    """The built-in tiny Llama-style causal LM (random weights, fixed by ``seed``)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_INTERMEDIATE,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_HEADS,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_base(spec: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen base model and its tokenizer.
+
+    ``spec`` is a local directory or hub id (``from_pretrained``), or ``builtin:tiny``.
+    """
+    if spec == BUILTIN_TINY:
+        tokenizer = build_byte_level_tokenizer()
+        model = build_tiny_base(tokenizer, seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+def lora_config(config: ModelConfig) -> LoraConfig:
+    targets = config.lora_targets
+    target_modules: str | list[str] = (
+        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    )
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+
+
+class RewardModel(nn.Module):
+    """Scalar reward r(prompt, response): LoRA adapter ``reward`` + linear head.
+
+    The head reads the final hidden states either averaged over the real tokens
+    (``mean``: robust for small models and little data) or at the last real token
+    (``last``: what Hugging Face's sequence classifiers do). Inputs are right-padded.
+    """
+
+    def __init__(self, lm: PeftModel, head: nn.Linear, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        self.lm = lm
+        self.head = head
+        self.pooling = pooling
+
+    @property
+    def backbone(self) -> nn.Module:
+        # The decoder stack without the LM head; LoRA layers are injected in place.
+        return self.lm.get_base_model().base_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        else:
+            last = attention_mask.sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(pooled).squeeze(-1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Adapter and head tensors, by stable names (PEFT's names for the adapter)."""
+        adapter = get_peft_model_state_dict(self.lm, adapter_name=REWARD_ADAPTER)
+        state = {f"adapter.{k}": v for k, v in adapter.items()}
+        state["head.weight"] = self.head.weight
+        state["head.bias"] = self.head.bias
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy adapter and head tensors in; names and shapes must already be checked."""
+        adapter = {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
+        result = set_peft_model_state_dict(self.lm, adapter, adapter_name=REWARD_ADAPTER)
+        if result.unexpected_keys:
+            raise ValueError(f"adapter tensors not in the model: {result.unexpected_keys}")
+        with torch.no_grad():
+            self.head.weight.copy_(state["head.weight"])
+            self.head.bias.copy_(state["head.bias"])
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """PEFT layout (``adapter_config.json`` + ``adapter_model.safetensors``) + head.
+
+        Returns the adapter folder, loadable with ``PeftModel.from_pretrained``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(str(directory), selected_adapters=[REWARD_ADAPTER])
+        # PEFT puts a non-default adapter in a sub-folder named after it.
+        adapter_dir = directory / REWARD_ADAPTER
+        save_file(
+            {"weight": self.head.weight.detach().contiguous(), "bias": self.head.bias.detach()},
+            str(adapter_dir / REWARD_HEAD_FILE),
+            metadata={"pooling": self.pooling},
+        )
+        return adapter_dir
+
+
+def build_reward_model(
+    base: PreTrainedModel, config: ModelConfig, seed: int = 0
+) -> RewardModel:
+    """Put a fresh ``reward`` LoRA adapter and scalar head on ``base`` (in place)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        lm = get_peft_model(base, lora_config(config), adapter_name=REWARD_ADAPTER)
+        head = nn.Linear(base.config.hidden_size, 1)
+    lm.eval()  # no dropout in the frozen base; LoRA dropout is a config setting
+    return RewardModel(lm, head, config.reward_pooling)
+
+
+def load_reward_model(base: PreTrainedModel, adapter_dir: str | Path) -> RewardModel:
+    """Load a saved reward adapter (``PeftModel.from_pretrained``) and its head."""
+    adapter_dir = Path(adapter_dir)
+    lm = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=REWARD_ADAPTER)
+    head_file = str(adapter_dir / REWARD_HEAD_FILE)
+    tensors = load_file(head_file)
+    with safe_open(head_file, "pt") as handle:
+        pooling = (handle.metadata() or {}).get("pooling", "last")
+    head = nn.Linear(base.config.hidden_size, 1)
+    with torch.no_grad():
+        head.weight.copy_(tensors["weight"])
+        head.bias.copy_(tensors["bias"])
+    lm.eval()
+    return RewardModel(lm, head, pooling)
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Tokenized comparisons: chosen and rejected texts, right-padded."""
+
+    chosen_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.chosen_ids.shape[0]
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize ``prompt + "\\n" + response + EOS``, right-padded.
+
+    Too long: the prompt is cut from the left, then the response from the right; the
+    EOS token (where the score is read) is always kept.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        return torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1), dtype=torch.long)
+    prompt_rows = tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
+    response_rows = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    rows: list[list[int]] = []
+    for prompt_ids, response_ids in zip(prompt_rows, response_rows):
+        response_ids = response_ids[: max_length - 1] + [tokenizer.eos_token_id]
+        room = max_length - len(response_ids)
+        rows.append((prompt_ids[-room:] if room > 0 else []) + response_ids)
+    width = max((len(r) for r in rows), default=1)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    chosen: list[str],
+    rejected: list[str],
+    max_length: int,
+) -> EncodedPairs:
+    chosen_ids, chosen_mask = encode_texts(tokenizer, prompts, chosen, max_length)
+    rejected_ids, rejected_mask = encode_texts(tokenizer, prompts, rejected, max_length)
+    return EncodedPairs(chosen_ids, chosen_mask, rejected_ids, rejected_mask)
+
+
+@torch.no_grad()
+def score_pairs(model: RewardModel, pairs: EncodedPairs, batch_size: int = 256) -> torch.Tensor:
+    """r(chosen) - r(rejected) for every pair, in evaluation mode."""
+    margins = []
+    for start in range(0, len(pairs), batch_size):
+        end = start + batch_size
+        chosen = model(pairs.chosen_ids[start:end], pairs.chosen_mask[start:end])
+        rejected = model(pairs.rejected_ids[start:end], pairs.rejected_mask[start:end])
+        margins.append(chosen - rejected)
+    return torch.cat(margins) if margins else torch.zeros(0)

@@ -1,0 +1,128 @@
+"""Differential-privacy accounting composed over a client's whole history.
+
+A client's privacy loss is the composition of every DP-SGD run on its data: each
+round, each phase, each earlier run on the same store. We keep that history as a
+list of :class:`DPEvent` (noise multiplier, Poisson sample rate, steps), persisted in
+the client's ledger, and hand it to an Opacus accountant whenever an epsilon is
+needed. Nothing here knows about rounds or phases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opacus.accountants import IAccountant, create_accountant
+
+MAX_NOISE_MULTIPLIER = 1e3
+
+
+class BudgetExceeded(RuntimeError):
+    """Training would push a client past its epsilon budget; the client declines."""
+
+
+@dataclass(frozen=True)
+class DPEvent:
+    """``steps`` DP-SGD steps with Poisson rate ``sample_rate`` and noise ``noise_multiplier``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def merge_events(events: Sequence[DPEvent]) -> list[DPEvent]:
+    """Events with the same noise and sample rate, merged into one with summed steps.
+
+    Composition only depends on the multiset of steps, so this changes no epsilon;
+    it makes accounting a long history cost one evaluation per distinct setting.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for e in events:
+        if e.steps > 0:
+            key = (e.noise_multiplier, e.sample_rate)
+            steps[key] = steps.get(key, 0) + e.steps
+    return [DPEvent(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
+def accountant_for(events: Sequence[DPEvent], kind: str = "rdp") -> IAccountant:
+    """An Opacus accountant whose history is ``events``; training appends to it."""
+    accountant = create_accountant(kind)
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merge_events(events)]
+    return accountant
+
+
+def epsilon(events: Sequence[DPEvent], delta: float, kind: str = "rdp") -> float:
+    """Composed epsilon of all ``events`` at ``delta`` (0 for no events)."""
+    if not any(e.steps > 0 for e in events):
+        return 0.0
+    return float(accountant_for(events, kind).get_epsilon(delta=delta))
+
+
+def planned_steps(num_examples: int, batch_size: int, epochs: float) -> tuple[float, int]:
+    """Poisson sample rate and number of steps for ``epochs`` expected passes.
+
+    The rate is Opacus's: ``1 / len(DataLoader(batch_size))``, the rate its
+    DPDataLoader samples at and its accountant records.
+    """
+    if num_examples <= 0:
+        raise ValueError("no training examples")
+    sample_rate = 1.0 / math.ceil(num_examples / batch_size)
+    return sample_rate, max(1, round(epochs / sample_rate))
+
+
+def calibrate_noise_multiplier(
+    spent: Sequence[DPEvent],
+    planned: Sequence[tuple[float, int]],
+    budget: float,
+    delta: float,
+    kind: str = "rdp",
+    tolerance: float = 1e-3,
+    previous: float | None = None,
+) -> float:
+    """Smallest noise multiplier with which ``spent`` + ``planned`` stays within ``budget``.
+
+    ``planned`` lists (sample rate, steps) of every run still to come, this one
+    first, all at the one noise multiplier returned. ``previous`` (the multiplier
+    of the last round) is kept while the plan still fits with it, so a client that
+    takes part in every round trains at one noise level throughout. Raises
+    :class:`BudgetExceeded` when no noise level fits (the budget is already spent).
+    """
+
+    def total(sigma: float) -> float:
+        return epsilon([*spent, *(DPEvent(sigma, q, s) for q, s in planned)], delta, kind)
+
+    if previous is not None and total(previous) <= budget:
+        return previous
+    if epsilon(spent, delta, kind) >= budget:
+        raise BudgetExceeded(
+            f"epsilon already spent {epsilon(spent, delta, kind):.3f} >= budget {budget}"
+        )
+    low, high = 0.0, 1.0
+    while total(high) > budget:
+        low, high = high, high * 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise BudgetExceeded(
+                f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps epsilon within {budget}"
+            )
+    while (high - low) > tolerance * high:
+        mid = (low + high) / 2
+        if total(mid) > budget:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def check_budget(
+    spent: Sequence[DPEvent], next_event: DPEvent, budget: float, delta: float, kind: str = "rdp"
+) -> float:
+    """Epsilon after ``next_event``; raises :class:`BudgetExceeded` if above ``budget``."""
+    after = epsilon([*spent, next_event], delta, kind)
+    if after > budget * (1 + 1e-6) or math.isnan(after):
+        before = epsilon(spent, delta, kind)
+        raise BudgetExceeded(
+            f"this round would raise epsilon from {before:.3f} to {after:.3f}, "
+            f"above the budget of {budget} (delta={delta:g})"
+        )
+    return after

@@ -134,8 +134,8 @@ class PreferenceStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(_SCHEMA)  # idempotent; executescript commits by itself
             with self.transaction():
-                self._conn.executescript(_SCHEMA)
                 row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     self._conn.execute(

@@ -244,7 +244,7 @@ def encode_texts(
     prompt_rows = tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
     response_rows = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
-    for prompt_ids, response_ids in zip(prompt_rows, response_rows):
+    for prompt_ids, response_ids in zip(prompt_rows, response_rows, strict=True):
         response_ids = response_ids[: max_length - 1] + [tokenizer.eos_token_id]
         room = max_length - len(response_ids)
         rows.append((prompt_ids[-room:] if room > 0 else []) + response_ids)

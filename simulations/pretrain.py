@@ -35,7 +35,7 @@ class PretrainConfig:
 
 
 def cache_key(world: World, config: PretrainConfig) -> str:
-    text = world.config.fingerprint() + json.dumps(asdict(config), sort_keys=True)
+    text = world.config.text_fingerprint() + json.dumps(asdict(config), sort_keys=True)
     return "base-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

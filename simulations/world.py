@@ -117,9 +117,11 @@ class WorldConfig:
     """Probability that an optional slot (opener, detail, caveat, closer) is filled."""
     seed: int = 0
 
-    def fingerprint(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True) + json.dumps(TOPICS, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+    def text_fingerprint(self) -> str:
+        """Identifies the world's *text* distribution (what the base model is trained on)."""
+        text_fields = {k: asdict(self)[k] for k in ("answer_on_topic", "slot_presence", "seed")}
+        grammar = [TOPICS, STYLE, QUESTION_TEMPLATES]
+        return hashlib.sha256(json.dumps([text_fields, grammar], sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,10 @@ def _phrase_index() -> dict[str, tuple[str, str, dict[str, float]]]:
 
 PHRASES = _phrase_index()
 _BY_LENGTH = sorted(PHRASES, key=len, reverse=True)
+
+
+def all_prompts() -> list[str]:
+    return [t.format(obj=obj) for spec in TOPICS.values() for obj in spec["objects"] for t in QUESTION_TEMPLATES]
 
 
 def topic_of(prompt: str) -> str | None:
@@ -210,10 +216,7 @@ class World:
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.config.seed)
         topics = list(TOPICS)
-        all_prompts = [
-            t.format(obj=obj) for topic in topics for obj in TOPICS[topic]["objects"] for t in QUESTION_TEMPLATES
-        ]
-        by_topic = {topic: [p for p in all_prompts if topic_of(p) == topic] for topic in topics}
+        by_topic = {topic: [p for p in all_prompts() if topic_of(p) == topic] for topic in topics}
         self.organizations: list[Organization] = []
         for index in range(self.config.organizations):
             mix = rng.dirichlet([self.config.topic_concentration] * len(topics))
@@ -247,7 +250,7 @@ class World:
     def corpus(self, size: int, seed: int) -> list[str]:
         """Prompt/response texts for pretraining the base model (no preferences in it)."""
         rng = np.random.default_rng(seed)
-        prompts = [p for org in self.organizations for p in org.prompts]
+        prompts = all_prompts()
         return [
             f"{p}\n{self.sample_response(p, rng)}" for p in (str(rng.choice(prompts)) for _ in range(size))
         ]

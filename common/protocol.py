@@ -1,0 +1,63 @@
+"""The round instruction the server sends with the global arrays, defined once.
+
+It travels in the legacy ``FitIns.config`` (SecAgg+ is shipped on Flower's legacy
+path), so it is a flat dict of scalars. Clients validate it before doing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from common.wire import WireError
+
+PROTOCOL_VERSION = 1
+PHASES = ("reward",)
+TASKS = ("train", "evaluate")
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    phase: str
+    """Which model the round trains: ``reward`` (``policy`` comes with PPO)."""
+    task: str
+    """``train``: evaluate the incoming model on held-out data, then train and send the
+    update. ``evaluate``: only evaluate (the final model of a phase)."""
+    round: int
+    """1-based round within the phase."""
+    rounds: int
+    """Rounds planned for the phase; clients plan their privacy budget with it."""
+    server_round: int
+    """Run-wide counter across phases; a client refuses one it has already served."""
+    seed: int
+    protocol: int = PROTOCOL_VERSION
+
+    def to_config(self) -> dict[str, int | str]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str) -> RoundInstruction:
+        """Parse and check; errors name the field and ``where`` it arrived."""
+        expected = {"phase": str, "task": str, "round": int, "rounds": int,
+                    "server_round": int, "seed": int, "protocol": int}
+        values: dict[str, Any] = {}
+        for name, kind in expected.items():
+            if name not in config:
+                raise WireError(f"{where}: round instruction lacks field {name!r}")
+            value = config[name]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise WireError(f"{where}: field {name!r} must be {kind.__name__}, got {value!r}")
+            values[name] = value
+        instruction = cls(**values)
+        if instruction.protocol != PROTOCOL_VERSION:
+            raise WireError(
+                f"{where}: protocol version {instruction.protocol}, this client speaks {PROTOCOL_VERSION}"
+            )
+        if instruction.phase not in PHASES:
+            raise WireError(f"{where}: unknown phase {instruction.phase!r}")
+        if instruction.task not in TASKS:
+            raise WireError(f"{where}: unknown task {instruction.task!r}")
+        if not 1 <= instruction.round <= instruction.rounds:
+            raise WireError(f"{where}: round {instruction.round} outside 1..{instruction.rounds}")
+        return instruction

@@ -1,0 +1,103 @@
+"""The server's run directory: one checkpoint per round, state, metrics.
+
+Layout::
+
+    run_dir/
+      run_config.json             the flat run config of the run
+      metrics.jsonl               one line per round (rewritten on resume)
+      checkpoints/
+        reward-round-0003/
+          reward/                 PEFT save_pretrained layout + reward_head.safetensors
+          server_optimizer.safetensors
+          state.json              phase, rounds done, counters, metrics history
+      LATEST                      name of the last complete checkpoint
+
+A checkpoint is written to a temporary folder and renamed, and LATEST is replaced
+atomically afterwards, so a crash at any point leaves the previous checkpoint as
+the one a restarted server resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.model import REWARD_ADAPTER, RewardModel
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "server_optimizer.safetensors"
+
+
+@dataclass
+class ServerState:
+    phase: str = "reward"
+    round: int = 0
+    """Rounds of ``phase`` completed (0 = the initial model)."""
+    server_round: int = 0
+    """Run-wide counter of rounds sent, across phases and failed attempts."""
+    seed: int = 0
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_run_config(self, flat: dict[str, Any]) -> None:
+        _atomic_write(self.path / "run_config.json", json.dumps(flat, indent=2, sort_keys=True))
+
+    def latest(self) -> Path | None:
+        pointer = self.path / "LATEST"
+        if not pointer.exists():
+            return None
+        target = self.checkpoints / pointer.read_text().strip()
+        return target if (target / STATE_FILE).exists() else None
+
+    def save(self, state: ServerState, model: RewardModel, optimizer_state: dict[str, torch.Tensor]) -> Path:
+        name = f"{state.phase}-round-{state.round:04d}"
+        final = self.checkpoints / name
+        tmp = self.checkpoints / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _atomic_write(self.path / "LATEST", name)
+        self._write_metrics(state.history)
+        return final
+
+    def load(self, checkpoint: Path) -> tuple[ServerState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """State, the trainable tensors of the reward model, and the optimizer state."""
+        state = ServerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+        adapter_dir = checkpoint / REWARD_ADAPTER
+        adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        head = load_file(str(adapter_dir / "reward_head.safetensors"))
+        tensors = {f"adapter.{k}": v for k, v in adapter.items()}
+        tensors.update({f"head.{k}": v for k, v in head.items()})
+        optimizer = load_file(str(checkpoint / OPTIMIZER_FILE))
+        self._write_metrics(state.history)
+        return state, tensors, optimizer
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        _atomic_write(self.metrics_file, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

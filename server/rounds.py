@@ -1,0 +1,226 @@
+"""Run one round over the grid: through SecAgg+, or plainly for comparison.
+
+Both return the mean of the survivors' reply arrays, who survived, who dropped out
+(by node id, with the stage and reason), and the payload bytes that crossed the
+wire per client. With SecAgg+ the server only ever holds the mean.
+
+SecAgg+ ships on Flower's legacy path: :class:`flwr.server.workflow.SecAggPlusWorkflow`
+asks a legacy ``Strategy`` which clients to send which ``FitIns`` and hands it the
+unmasked mean. :class:`_PresetRound` is that strategy for one round whose clients
+and instructions the phase driver has already chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server import LegacyContext
+from flwr.server import ServerConfig as LegacyServerConfig
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from common.config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    node_id: int
+    stage: str
+    reason: str
+
+
+@dataclass
+class RoundOutcome:
+    sampled: list[int]
+    survivors: list[int] = field(default_factory=list)
+    dropouts: list[Dropout] = field(default_factory=list)
+    mean: list[np.ndarray] | None = None
+    """Mean of the survivors' arrays; None when the round failed."""
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of arrays, byte strings and scalars in a message (protobuf framing aside)."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(array.data) for array in record.values())
+    for config in content.config_records.values():
+        for value in config.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
+    for metrics in content.metric_records.values():
+        total += 8 * sum(len(v) if isinstance(v, list) else 1 for v in metrics.values())
+    return total
+
+
+class ObservedGrid:
+    """A grid that records every reply error, missing reply and payload size."""
+
+    def __init__(self, grid: Grid, outcome: RoundOutcome) -> None:
+        self._grid = grid
+        self._outcome = outcome
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        stage = _stage(messages[0]) if messages else "?"
+        for m in messages:
+            down = self._outcome.bytes_down
+            down[m.metadata.dst_node_id] = down.get(m.metadata.dst_node_id, 0) + payload_bytes(m.content)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                self._outcome.dropouts.append(Dropout(node, stage, str(reply.error.reason)))
+            else:
+                self._outcome.bytes_up[node] = self._outcome.bytes_up.get(node, 0) + payload_bytes(reply.content)
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self._outcome.dropouts.append(
+                    Dropout(m.metadata.dst_node_id, stage, f"no reply within {timeout} s")
+                )
+        return replies
+
+
+def _stage(message: Message) -> str:
+    configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is not None and Key.STAGE in configs:
+        return f"secagg:{configs[Key.STAGE]}"
+    return message.metadata.message_type
+
+
+class _PresetRound(Strategy):
+    """A legacy strategy for one secure round with preset clients and instructions."""
+
+    def __init__(self, grid: Grid, run_id: int, node_ids: list[int], config: dict[str, Any]) -> None:
+        self.grid, self.run_id, self.node_ids, self.config = grid, run_id, node_ids, config
+        self.mean: list[np.ndarray] | None = None
+        self.survivors: list[int] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        return [
+            (GridClientProxy(node, self.grid, self.run_id), FitIns(parameters, dict(self.config)))
+            for node in self.node_ids
+        ]
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        # SecAgg+ has put the unmasked mean into every result.
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+            self.survivors = sorted(proxy.node_id for proxy, _ in results)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):  # noqa: ANN001, ANN201
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        return None, {}
+
+    def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201
+        return None
+
+
+def run_secure_round(
+    grid: Grid,
+    context: Context,
+    node_ids: list[int],
+    config: dict[str, Any],
+    arrays: list[np.ndarray],
+    federation: FederationConfig,
+    server_round: int,
+) -> RoundOutcome:
+    """One round through SecAgg+; the server learns only the survivors' mean."""
+    outcome = RoundOutcome(sampled=sorted(node_ids))
+    start = time.perf_counter()
+    observed = ObservedGrid(grid, outcome)
+    strategy = _PresetRound(observed, context.run_id, node_ids, config)  # type: ignore[arg-type]
+    legacy = LegacyContext(context, config=LegacyServerConfig(num_rounds=1), strategy=strategy)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
+    )
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(arrays), keep_input=True
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=float(federation.secagg_shares),
+        reconstruction_threshold=float(federation.secagg_threshold),
+        max_weight=1.0,  # every client has weight 1 (num_examples = 1)
+        clipping_range=federation.secagg_clipping_range,
+        quantization_range=federation.secagg_quantization_range,
+        timeout=federation.round_timeout,
+    )
+    workflow(observed, legacy)  # type: ignore[arg-type]
+    outcome.mean = strategy.mean
+    outcome.survivors = strategy.survivors
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def run_plain_round(
+    grid: Grid,
+    node_ids: list[int],
+    config: dict[str, Any],
+    arrays: list[np.ndarray],
+    federation: FederationConfig,
+    server_round: int,
+    validate: Callable[[list[np.ndarray], str], None],
+) -> RoundOutcome:
+    """The same round without secure aggregation: each update is seen in clear.
+
+    Each reply is checked with ``validate(arrays, where)`` (which raises on bad
+    input); a refused reply counts as a dropout and is left out of the mean.
+    """
+    outcome = RoundOutcome(sampled=sorted(node_ids))
+    start = time.perf_counter()
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), dict(config)), True)
+    messages = [
+        Message(content=content, dst_node_id=node, message_type="train.plain", group_id=str(server_round))
+        for node in node_ids
+    ]
+    replies = ObservedGrid(grid, outcome).send_and_receive(messages, timeout=federation.round_timeout)
+    collected = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        node = reply.metadata.src_node_id
+        try:
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+            reply_arrays = parameters_to_ndarrays(fitres.parameters)
+            validate(reply_arrays, f"reply of node {node}, round {server_round}")
+        except Exception as exc:  # a hostile or broken reply must not stop the round
+            log.warning("refused reply: %s", exc)
+            outcome.dropouts.append(Dropout(node, "train.plain", f"reply refused: {exc}"))
+            continue
+        collected.append(reply_arrays)
+        outcome.survivors.append(node)
+    outcome.survivors.sort()
+    if collected:
+        outcome.mean = [
+            np.mean([c[i].astype(np.float64) for c in collected], axis=0) for i in range(len(collected[0]))
+        ]
+    outcome.seconds = time.perf_counter() - start
+    return outcome

@@ -1,0 +1,181 @@
+"""The simulation's report: what the federation learned, against the truth.
+
+Reads the server's run directory (checkpoints, metrics) and the simulated clients'
+stores (ledgers), scores every round's global reward model on the world's test set,
+and writes ``report.json``, ``rounds.csv`` and PNG plots next to them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from client.store import PreferenceStore  # noqa: E402
+from common.config import RunConfig  # noqa: E402
+from common.model import build_reward_model, load_base  # noqa: E402
+from common.privacy import epsilon  # noqa: E402
+from server.checkpoints import RunDirectory  # noqa: E402
+from simulations.baselines import TestSet  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Baselines:
+    centralized: float
+    single_org: list[float]
+    bayes: float
+
+
+def round_accuracies(config: RunConfig, run: RunDirectory, test: TestSet) -> dict[int, float]:
+    """Test accuracy of the global reward model after each reward round (0 = initial)."""
+    base, _ = load_base(config.model.base, seed=config.seed)
+    model = build_reward_model(base, config.model, seed=config.seed)
+    out = {}
+    for checkpoint in sorted(run.checkpoints.glob("reward-round-*")):
+        _, tensors, _ = run.load(checkpoint)
+        model.load_trainable_state(tensors)
+        out[int(checkpoint.name.rsplit("-", 1)[1])] = test.accuracy(model)
+    run.load(run.latest())  # leave metrics.jsonl as the finished run wrote it
+    return out
+
+
+def client_epsilons(config: RunConfig, stores: list[Path]) -> list[float]:
+    eps = []
+    for path in stores:
+        with PreferenceStore(path) as store:
+            eps.append(epsilon(store.privacy_events(), config.privacy.delta, config.privacy.accountant))
+    return eps
+
+
+def build_report(
+    config: RunConfig, run_dir: Path, stores: list[Path], test: TestSet, baselines: Baselines, world: dict[str, Any]
+) -> dict[str, Any]:
+    run = RunDirectory(run_dir)
+    history = [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()]
+    accuracies = round_accuracies(config, run, test)
+    eps = client_epsilons(config, stores)
+    train_rounds = [h for h in history if h["task"] == "train"]
+    final_round = max(accuracies)
+    final = accuracies[final_round]
+    median_single = statistics.median(baselines.single_org)
+    rounds = []
+    for r, acc in sorted(accuracies.items()):
+        fed = next((h for h in history if h["evaluated_model_round"] == r), {})
+        trained = next((h for h in train_rounds if h["round"] == r), {})
+        rounds.append(
+            {
+                "round": r,
+                "test_accuracy": acc,
+                "bayes_ceiling": baselines.bayes,
+                "federated_heldout_accuracy": fed.get("fed_eval_accuracy"),
+                "train_loss": trained.get("train_loss"),
+                "epsilon_mean": trained.get("epsilon_mean", 0.0),
+                "bytes_down_per_client": trained.get("bytes_down_per_client", 0),
+                "bytes_up_per_client": trained.get("bytes_up_per_client", 0),
+                "survivors": trained.get("survivors"),
+                "seconds": trained.get("seconds"),
+            }
+        )
+    adapter_bytes = history[0]["adapter_bytes"] if history else 0
+    full_bytes = history[0]["full_model_bytes"] if history else 0
+    report = {
+        "dp": config.privacy.enabled,
+        "secure_aggregation": config.federation.secure_aggregation,
+        "world": world,
+        "bayes_ceiling": baselines.bayes,
+        "centralized_non_dp_accuracy": baselines.centralized,
+        "single_org_accuracies": baselines.single_org,
+        "single_org_median_accuracy": median_single,
+        "federated_final_accuracy": final,
+        "federated_minus_centralized_points": 100 * (final - baselines.centralized),
+        "centralized_share_of_bayes": baselines.centralized / baselines.bayes,
+        "federated_share_of_bayes": final / baselines.bayes,
+        "epsilon_per_client": eps,
+        "epsilon_budget": config.privacy.epsilon,
+        "delta": config.privacy.delta,
+        "accountant": config.privacy.accountant,
+        "adapter_bytes": adapter_bytes,
+        "full_model_bytes": full_bytes,
+        "model_to_adapter_ratio": full_bytes / adapter_bytes if adapter_bytes else None,
+        "rounds": rounds,
+    }
+    report["checks"] = {
+        "centralized >= 95% of Bayes": report["centralized_share_of_bayes"] >= 0.95,
+        "federated within 3 points of centralized": report["federated_minus_centralized_points"] >= -3.0,
+        "federated beats median single organization": final > median_single,
+        "epsilon <= budget for every client": (not config.privacy.enabled) or max(eps) <= config.privacy.epsilon + 1e-6,
+        "delta <= 1e-5": config.privacy.delta <= 1e-5,
+    }
+    _write(run_dir, report)
+    return report
+
+
+def _write(run_dir: Path, report: dict[str, Any]) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with (run_dir / "rounds.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(report["rounds"][0]))
+        writer.writeheader()
+        writer.writerows(report["rounds"])
+    _plot_accuracy(run_dir / "reward_accuracy.png", report)
+    _plot_epsilon(run_dir / "epsilon_per_client.png", report)
+    _plot_bytes(run_dir / "bytes_per_round.png", report)
+
+
+def _plot_accuracy(path: Path, report: dict[str, Any]) -> None:
+    rounds = [r["round"] for r in report["rounds"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    label = "federated" + (" + DP" if report["dp"] else " (DP OFF)") + (" + SecAgg+" if report["secure_aggregation"] else "")
+    ax.plot(rounds, [r["test_accuracy"] for r in report["rounds"]], marker="o", label=label)
+    fed = [(r["round"], r["federated_heldout_accuracy"]) for r in report["rounds"] if r["federated_heldout_accuracy"] is not None]
+    if fed:
+        ax.plot(*zip(*fed, strict=True), linestyle=":", marker=".", label="federated evaluation (clients' held-out labels)")
+    ax.axhline(report["bayes_ceiling"], color="black", linestyle="--", label="Bayes-optimal ceiling")
+    ax.axhline(0.95 * report["bayes_ceiling"], color="gray", linestyle=":", label="95% of ceiling")
+    ax.axhline(report["centralized_non_dp_accuracy"], color="green", linestyle="-.", label="centralized, non-DP")
+    ax.axhline(report["single_org_median_accuracy"], color="red", linestyle="-.", label="single organization (median)")
+    ax.set_xlabel("reward round")
+    ax.set_ylabel("test accuracy (expected, vs. annotators)")
+    ax.set_title("Reward model accuracy per round")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_epsilon(path: Path, report: dict[str, Any]) -> None:
+    eps = report["epsilon_per_client"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([f"org-{i}" for i in range(len(eps))], eps)
+    ax.axhline(report["epsilon_budget"], color="red", linestyle="--", label=f"budget {report['epsilon_budget']}")
+    ax.set_ylabel(f"epsilon (delta={report['delta']:g}, {report['accountant']})")
+    ax.set_title("Privacy spent per client, composed over the run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_bytes(path: Path, report: dict[str, Any]) -> None:
+    rows = [r for r in report["rounds"] if r["bytes_down_per_client"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["round"] for r in rows], [r["bytes_down_per_client"] for r in rows], marker="o", label="server -> client")
+    ax.plot([r["round"] for r in rows], [r["bytes_up_per_client"] for r in rows], marker="s", label="client -> server (masked)")
+    ax.axhline(report["full_model_bytes"], color="red", linestyle="--", label="sending the whole model")
+    ax.axhline(report["adapter_bytes"], color="gray", linestyle=":", label="adapter + head (float32)")
+    ax.set_yscale("log")
+    ax.set_xlabel("reward round")
+    ax.set_ylabel("payload bytes per client")
+    ax.set_title("Communication per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

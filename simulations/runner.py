@@ -1,0 +1,183 @@
+"""The one-machine simulation, end to end.
+
+1. build the synthetic world; pretrain (or load the cached) tiny base on its text;
+2. fill one SQLite store per simulated organization with its annotators' labels;
+3. train the baselines (centralized non-DP, each organization alone);
+4. run the real ServerApp and ClientApp under Flower's simulation engine
+   (``flwr run`` against our own loopback SuperLink), showing progress;
+5. score every round's checkpoint against the world's truth and write the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client.store import NewComparison, PreferenceStore
+from common.config import RunConfig
+from common.model import load_base
+from simulations.baselines import build_test_set, train_non_dp
+from simulations.flower_runtime import PROJECT_DIR, SimulationSuperLink, stop_process_group, write_run_config
+from simulations.pretrain import PretrainConfig, pretrained_base
+from simulations.report import Baselines, build_report
+from simulations.world import World, WorldConfig, bayes_accuracy
+
+log = logging.getLogger(__name__)
+console = Console()
+
+BASELINE_EPOCHS = 8.0
+"""Passes over the data for the non-DP baselines (enough for them to converge)."""
+
+
+@dataclass
+class SimulationOptions:
+    out_dir: Path
+    world: WorldConfig = field(default_factory=WorldConfig)
+    overrides: dict[str, bool | int | float | str] = field(default_factory=dict)
+    """Run-config overrides (flat keys, as for ``flwr run --run-config``)."""
+    cache_dir: Path = Path.home() / ".cache" / "fedrlhf"
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    baselines: bool = True
+    timeout: float = 3600.0
+
+
+def fill_stores(world: World, config: RunConfig, stores_dir: Path) -> list[Path]:
+    """One store per organization, holding its annotators' comparisons."""
+    shutil.rmtree(stores_dir, ignore_errors=True)
+    paths = []
+    for org in world.organizations:
+        path = stores_dir / f"org-{org.index}.sqlite"
+        with PreferenceStore(path) as store:
+            store.add_comparisons(
+                (
+                    NewComparison(prompt, chosen, rejected, annotator=f"sim-{org.name}", origin="simulation")
+                    for prompt, chosen, rejected in world.local_comparisons(org.index)
+                ),
+                source="simulated",
+            )
+        paths.append(path)
+    return paths
+
+
+def _run_baselines(config: RunConfig, stores: list[Path], test) -> Baselines:  # noqa: ANN001
+    split = config.reward.heldout_fraction
+    per_org = []
+    for path in stores:
+        with PreferenceStore(path) as store:
+            per_org.append(store.comparisons("train", split))
+    with console.status("baseline: centralized, non-DP, all organizations' data"):
+        centralized = test.accuracy(train_non_dp(config, [c for org in per_org for c in org], BASELINE_EPOCHS, 1))
+    console.print(f"baseline centralized non-DP accuracy {centralized:.4f}")
+    single = []
+    for i, comparisons in enumerate(per_org):
+        with console.status(f"baseline: org-{i} alone, non-DP"):
+            single.append(test.accuracy(train_non_dp(config, comparisons, BASELINE_EPOCHS, 2 + i)))
+    console.print("baseline single-organization accuracies " + ", ".join(f"{a:.4f}" for a in single))
+    return Baselines(centralized, single, bayes_accuracy(test.probabilities))
+
+
+def _federate(config: RunConfig, options: SimulationOptions, overrides: dict, run_dir: Path) -> None:
+    """flwr run under our own SuperLink, with a progress bar fed by metrics.jsonl."""
+    flower_home = run_dir / "flower-home"
+    log_file = run_dir / "flower.log"
+    config_file = write_run_config(run_dir / "run_config_overrides.toml", overrides)
+    metrics = run_dir / "metrics.jsonl"
+    total = config.reward.rounds + 1
+    with SimulationSuperLink(flower_home, log_file) as superlink:
+        process = superlink.run(PROJECT_DIR, config_file, options.world.organizations, log_file)
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        deadline = time.monotonic() + options.timeout
+        try:
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("federated reward rounds: starting Flower", total=total)
+                while process.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"simulation did not finish within {options.timeout} s; see {log_file}")
+                    lines = metrics.read_text().splitlines() if metrics.exists() else []
+                    if lines:
+                        last = json.loads(lines[-1])
+                        acc = last["fed_eval_accuracy"]
+                        progress.update(
+                            task,
+                            completed=len(lines),
+                            description=(
+                                f"reward round {last['round']} {last['task']}: held-out acc "
+                                f"{acc:.3f}, epsilon {last['epsilon_mean']:.2f}" if acc is not None else "reward rounds"
+                            ),
+                        )
+                    time.sleep(1.0)
+                progress.update(task, completed=len(metrics.read_text().splitlines()) if metrics.exists() else 0)
+        finally:
+            stop_process_group(process)
+    state = json.loads((run_dir / "checkpoints" / (run_dir / "LATEST").read_text().strip() / "state.json").read_text()) \
+        if (run_dir / "LATEST").exists() else {}
+    if process.returncode != 0 or not state.get("finished"):
+        raise RuntimeError(f"the federated run failed (flwr exit code {process.returncode}); see {log_file}")
+
+
+def run_simulation(options: SimulationOptions) -> dict:
+    run_dir = options.out_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    world = World(options.world)
+    console.print(f"[bold]fedrlhf simulation[/bold] -> {run_dir}")
+    base_dir = pretrained_base(world, options.cache_dir, options.pretrain)
+    stores_dir = run_dir / "stores"
+    overrides = {
+        **options.overrides,
+        "run-dir": str(run_dir),
+        "model.base": str(base_dir),
+        "client.store": str(stores_dir / "org-{partition-id}.sqlite"),
+        "federation.min-clients": options.overrides.get("federation.min-clients", options.world.organizations),
+    }
+    config = RunConfig().replace(**overrides)
+    stores = fill_stores(world, config, stores_dir)
+    console.print(f"{len(stores)} organizations, {options.world.comparisons_per_org} comparisons each, stores in {stores_dir}")
+
+    _, tokenizer = load_base(str(base_dir))
+    test = build_test_set(world, tokenizer, config.model.max_length)
+    if options.baselines:
+        baselines = _run_baselines(config, stores, test)
+    else:
+        baselines = Baselines(float("nan"), [float("nan")], bayes_accuracy(test.probabilities))
+    for stale in ("checkpoints", "LATEST", "metrics.jsonl"):
+        target = run_dir / stale
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    _federate(config, options, overrides, run_dir)
+
+    with console.status("scoring every round's reward model against the world's truth"):
+        world_info = {**asdict(options.world), "organization_tilts": [o.tilt for o in world.organizations]}
+        report = build_report(config, run_dir, stores, test, baselines, world_info)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    _print_summary(report, run_dir)
+    return report
+
+
+def _print_summary(report: dict, run_dir: Path) -> None:
+    table = Table(title="fedrlhf simulation: reward model")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("Bayes-optimal ceiling", f"{report['bayes_ceiling']:.4f}")
+    table.add_row("centralized, non-DP", f"{report['centralized_non_dp_accuracy']:.4f}")
+    table.add_row("single organization, median", f"{report['single_org_median_accuracy']:.4f}")
+    dp = "DP" if report["dp"] else "DP OFF"
+    sa = " + SecAgg+" if report["secure_aggregation"] else ""
+    table.add_row(f"federated + {dp}{sa}, final", f"{report['federated_final_accuracy']:.4f}")
+    eps = report["epsilon_per_client"]
+    table.add_row("epsilon per client (max / median)", f"{max(eps):.3f} / {statistics.median(eps):.3f}")
+    table.add_row("adapter bytes / full model bytes", f"{report['adapter_bytes']:,} / {report['full_model_bytes']:,}")
+    table.add_row("wall time", f"{report['seconds']:.0f} s")
+    console.print(table)
+    for check, ok in report["checks"].items():
+        console.print(f"  {'[green]PASS' if ok else '[red]FAIL'}[/] {check}")
+    console.print(f"report: {run_dir / 'report.json'}; plots: {run_dir}/*.png")

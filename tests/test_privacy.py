@@ -1,0 +1,70 @@
+import dp_accounting
+import pytest
+
+from common.privacy import (
+    BudgetExceeded,
+    DPEvent,
+    calibrate_noise_multiplier,
+    check_budget,
+    epsilon,
+    merge_events,
+    planned_steps,
+)
+
+DELTA = 1e-5
+
+
+def independent_rdp_epsilon(events: list[DPEvent], delta: float) -> float:
+    """Google's dp-accounting, composing the Poisson-subsampled Gaussian step by step."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for e in events:
+        event = dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier))
+        accountant.compose(event, e.steps)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [DPEvent(1.0, 0.01, 1000)],
+        [DPEvent(0.8, 0.1, 300)],
+        [DPEvent(1.1, 0.05, 20)] * 12,  # twelve rounds of one client
+        [DPEvent(1.1, 0.05, 20), DPEvent(0.9, 0.08, 13), DPEvent(2.0, 0.2, 5)],  # mixed phases/rounds
+    ],
+)
+def test_epsilon_matches_an_independent_accountant(events):
+    ours = epsilon(events, DELTA, "rdp")
+    theirs = independent_rdp_epsilon(events, DELTA)
+    assert ours == pytest.approx(theirs, rel=0.02)
+
+
+def test_merging_identical_runs_changes_nothing():
+    events = [DPEvent(1.0, 0.05, 10)] * 5 + [DPEvent(2.0, 0.05, 3)]
+    assert merge_events(events) == [DPEvent(1.0, 0.05, 50), DPEvent(2.0, 0.05, 3)]
+    assert epsilon(events, DELTA) == pytest.approx(epsilon(merge_events(events), DELTA))
+
+
+def test_planned_steps_use_opacus_sample_rate():
+    assert planned_steps(1000, 64, 1.0) == (1 / 16, 16)
+    assert planned_steps(1000, 64, 0.5) == (1 / 16, 8)
+    assert planned_steps(10, 64, 2.0) == (1.0, 2)
+
+
+def test_calibration_spends_exactly_the_budget_over_the_plan():
+    plan = [(0.05, 20)] * 10
+    sigma = calibrate_noise_multiplier([], plan, budget=8.0, delta=DELTA)
+    spent = epsilon([DPEvent(sigma, q, s) for q, s in plan], DELTA)
+    assert 7.9 < spent <= 8.0
+    # Half-way through, the same multiplier still fits and is kept.
+    half = [DPEvent(sigma, q, s) for q, s in plan[:5]]
+    assert calibrate_noise_multiplier(half, plan[5:], 8.0, DELTA, previous=sigma) == sigma
+
+
+def test_budget_refusal():
+    spent = [DPEvent(0.5, 0.1, 400)]
+    assert epsilon(spent, DELTA) > 8
+    with pytest.raises(BudgetExceeded, match="already spent"):
+        calibrate_noise_multiplier(spent, [(0.1, 10)], 8.0, DELTA)
+    with pytest.raises(BudgetExceeded, match="above the budget of 8.0"):
+        check_budget([DPEvent(1.0, 0.1, 100)], DPEvent(0.7, 0.1, 200), 8.0, DELTA)
+    assert check_budget([], DPEvent(1.0, 0.1, 10), 8.0, DELTA) < 8.0

@@ -9,6 +9,7 @@ whitelisted statistics, both to be masked by SecAgg+.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from functools import lru_cache
 
@@ -97,7 +98,7 @@ def reward_round(
         raise ValueError(f"{where}: the store {store.path} holds no training comparisons")
     pairs = _encode(tokenizer, train, config.model.max_length)
     sample_rate, steps = planned_steps(len(pairs), config.reward.batch_size, config.reward.local_epochs)
-    seed = instruction.seed * 1_000_003 + instruction.server_round
+    seed = derive_seed(instruction.seed, instruction.server_round, str(store.path.resolve()))
 
     dp = None
     charge = None
@@ -135,6 +136,12 @@ def reward_round(
         train_loss=result.mean_loss,
     )
     return pack_update(update, spec, REWARD_STATS.encode(stats), config.federation.secagg_clipping_range)
+
+
+def derive_seed(*parts: object) -> int:
+    """A per-client, per-round seed: reproducible runs, but no two clients share noise."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**62
 
 
 def _noise_multiplier(

@@ -50,7 +50,9 @@ def _messages(value: list[Any], field: str) -> list[tuple[str, str]]:
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError(f"field {field!r}: message {i} must be an object with a string 'content'")
+            raise ValueError(
+                f"field {field!r}: message {i} must be an object with a string 'content'"
+            )
         role = message.get("role", "")
         if not isinstance(role, str):
             raise ValueError(f"field {field!r}: message {i} has a non-string 'role'")
@@ -66,17 +68,23 @@ def _text_field(record: dict[str, Any], field: str) -> str:
     if isinstance(value, list):
         turns = _messages(value, field)
         if field == "prompt":
-            return "\n\n".join(f"{role.capitalize()}: {text}" if role else text for role, text in turns)
+            return "\n\n".join(
+                f"{role.capitalize()}: {text}" if role else text for role, text in turns
+            )
         return "\n\n".join(text for _, text in turns)
     if not isinstance(value, str):
-        raise ValueError(f"field {field!r} must be a string or a list of messages, got {type(value).__name__}")
+        raise ValueError(
+            f"field {field!r} must be a string or a list of messages, got {type(value).__name__}"
+        )
     return value
 
 
 def _split_hh(dialogue: str, field: str) -> tuple[str, str]:
     cut = dialogue.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise ValueError(f"field {field!r} has no {HH_ASSISTANT.strip()!r} turn (Anthropic-HH format)")
+        raise ValueError(
+            f"field {field!r} has no {HH_ASSISTANT.strip()!r} turn (Anthropic-HH format)"
+        )
     return dialogue[: cut + len(HH_ASSISTANT)], dialogue[cut + len(HH_ASSISTANT) :].strip()
 
 
@@ -92,16 +100,22 @@ def parse_record(record: Any) -> tuple[str, str, str]:
         chosen_dialogue = _text_field(record, "chosen")
         rejected_dialogue = _text_field(record, "rejected")
         if HH_ASSISTANT not in chosen_dialogue and HH_HUMAN not in chosen_dialogue:
-            raise ValueError("missing field 'prompt' (and 'chosen' is not an Anthropic-HH dialogue)")
+            raise ValueError(
+                "missing field 'prompt' (and 'chosen' is not an Anthropic-HH dialogue)"
+            )
         prompt, chosen = _split_hh(chosen_dialogue, "chosen")
         rejected_prompt, rejected = _split_hh(rejected_dialogue, "rejected")
         if rejected_prompt != prompt:
-            raise ValueError("'chosen' and 'rejected' dialogues differ before the last Assistant turn")
+            raise ValueError(
+                "'chosen' and 'rejected' dialogues differ before the last Assistant turn"
+            )
     for name, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             raise ValueError(f"field {name!r} is empty")
         if len(text) > MAX_TEXT_CHARS:
-            raise ValueError(f"field {name!r} has {len(text)} characters, more than {MAX_TEXT_CHARS}")
+            raise ValueError(
+                f"field {name!r} has {len(text)} characters, more than {MAX_TEXT_CHARS}"
+            )
         if "\x00" in text:
             raise ValueError(f"field {name!r} contains a NUL character")
     if chosen.strip() == rejected.strip():
@@ -119,14 +133,18 @@ def read_comparisons(path: str | Path, annotator: str = "import") -> list[NewCom
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ImportFileError(
-                    path, number, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                    path,
+                    number,
+                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
                 ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ImportFileError(path, number, f"bad JSON: {exc.msg} at column {exc.colno}") from None
+                raise ImportFileError(
+                    path, number, f"bad JSON: {exc.msg} at column {exc.colno}"
+                ) from None
             try:
                 prompt, chosen, rejected = parse_record(record)
             except ValueError as exc:
@@ -134,13 +152,17 @@ def read_comparisons(path: str | Path, annotator: str = "import") -> list[NewCom
             who = record.get("annotator", annotator)
             if not isinstance(who, str) or not who.strip():
                 raise ImportFileError(path, number, "field 'annotator' must be a non-empty string")
-            comparisons.append(NewComparison(prompt, chosen, rejected, who, origin=f"{path.name}:{number}"))
+            comparisons.append(
+                NewComparison(prompt, chosen, rejected, who, origin=f"{path.name}:{number}")
+            )
     if not comparisons:
         raise ImportFileError(path, 0, "the file holds no comparisons")
     return comparisons
 
 
-def import_jsonl(store: PreferenceStore, path: str | Path, annotator: str = "import") -> ImportReport:
+def import_jsonl(
+    store: PreferenceStore, path: str | Path, annotator: str = "import"
+) -> ImportReport:
     """Validate ``path`` completely, then add its comparisons in one transaction."""
     comparisons = read_comparisons(path, annotator)
     added, duplicates = store.add_comparisons(comparisons, source="import")

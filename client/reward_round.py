@@ -91,13 +91,17 @@ def reward_round(
     stats["epsilon"] = epsilon(spent, config.privacy.delta, config.privacy.accountant)
 
     if instruction.task == "evaluate":
-        return pack_update({}, [], REWARD_STATS.encode(stats), config.federation.secagg_clipping_range)
+        return pack_update(
+            {}, [], REWARD_STATS.encode(stats), config.federation.secagg_clipping_range
+        )
 
     train = store.comparisons("train", config.reward.heldout_fraction)
     if not train:
         raise ValueError(f"{where}: the store {store.path} holds no training comparisons")
     pairs = _encode(tokenizer, train, config.model.max_length)
-    sample_rate, steps = planned_steps(len(pairs), config.reward.batch_size, config.reward.local_epochs)
+    sample_rate, steps = planned_steps(
+        len(pairs), config.reward.batch_size, config.reward.local_epochs
+    )
     seed = derive_seed(instruction.seed, instruction.server_round, str(store.path.resolve()))
 
     dp = None
@@ -125,7 +129,12 @@ def reward_round(
         store.commit_charge(charge, result.steps)
     log.info(
         "%s: reward round %d trained %d steps on %d comparisons, loss %.4f, epsilon %.3f%s",
-        where, instruction.round, result.steps, len(pairs), result.mean_loss, stats["epsilon"],
+        where,
+        instruction.round,
+        result.steps,
+        len(pairs),
+        result.mean_loss,
+        stats["epsilon"],
         "" if dp else " (DP OFF)",
     )
     new_state = model.trainable_state()
@@ -135,7 +144,9 @@ def reward_round(
         train_steps=float(result.steps),
         train_loss=result.mean_loss,
     )
-    return pack_update(update, spec, REWARD_STATS.encode(stats), config.federation.secagg_clipping_range)
+    return pack_update(
+        update, spec, REWARD_STATS.encode(stats), config.federation.secagg_clipping_range
+    )
 
 
 def derive_seed(*parts: object) -> int:
@@ -145,7 +156,11 @@ def derive_seed(*parts: object) -> int:
 
 
 def _noise_multiplier(
-    config: RunConfig, spent: list[DPEvent], sample_rate: float, steps: int, instruction: RoundInstruction
+    config: RunConfig,
+    spent: list[DPEvent],
+    sample_rate: float,
+    steps: int,
+    instruction: RoundInstruction,
 ) -> float:
     """Fixed, or calibrated so this round and the remaining planned ones fit the budget."""
     if config.privacy.noise == "fixed":

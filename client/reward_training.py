@@ -82,9 +82,13 @@ def train_reward_model(
         raise ValueError("no comparisons to train on")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=learning_rate)
-    dataset = TensorDataset(pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask)
+    dataset = TensorDataset(
+        pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask
+    )
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(pairs)), shuffle=dp is None, generator=generator)
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, len(pairs)), shuffle=dp is None, generator=generator
+    )
 
     model.train()  # Opacus captures activations only in training mode
     trained: torch.nn.Module = model

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common.privacy import DPEvent
@@ -119,7 +119,7 @@ def is_heldout(hash_hex: str, fraction: float) -> bool:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class PreferenceStore:
@@ -136,10 +136,13 @@ class PreferenceStore:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)  # idempotent; executescript commits by itself
             with self.transaction():
-                row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                row = self._conn.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'"
+                ).fetchone()
                 if row is None:
                     self._conn.execute(
-                        "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                        "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
                     )
                 elif int(row["value"]) != SCHEMA_VERSION:
                     raise StoreError(
@@ -174,7 +177,8 @@ class PreferenceStore:
     def _prompt_id(self, text: str) -> int:
         h = content_hash("prompt", text)
         self._conn.execute(
-            "INSERT OR IGNORE INTO prompts(text, hash, created_at) VALUES (?, ?, ?)", (text, h, _now())
+            "INSERT OR IGNORE INTO prompts(text, hash, created_at) VALUES (?, ?, ?)",
+            (text, h, _now()),
         )
         return self._conn.execute("SELECT id FROM prompts WHERE hash=?", (h,)).fetchone()["id"]
 
@@ -205,7 +209,9 @@ class PreferenceStore:
         added = duplicates = 0
         with self.transaction():
             for item in items:
-                h = content_hash("comparison", item.prompt, item.chosen, item.rejected, item.annotator)
+                h = content_hash(
+                    "comparison", item.prompt, item.chosen, item.rejected, item.annotator
+                )
                 if self._conn.execute("SELECT 1 FROM comparisons WHERE hash=?", (h,)).fetchone():
                     duplicates += 1
                     continue
@@ -215,7 +221,16 @@ class PreferenceStore:
                 self._conn.execute(
                     "INSERT INTO comparisons(prompt_id, chosen_id, rejected_id, annotator, source,"
                     " origin, hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (prompt_id, chosen_id, rejected_id, item.annotator, source, item.origin, h, _now()),
+                    (
+                        prompt_id,
+                        chosen_id,
+                        rejected_id,
+                        item.annotator,
+                        source,
+                        item.origin,
+                        h,
+                        _now(),
+                    ),
                 )
                 added += 1
         return added, duplicates
@@ -244,12 +259,17 @@ class PreferenceStore:
         return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
     def counts(self) -> dict[str, int]:
-        return {t: self._count(t) for t in ("prompts", "responses", "comparisons", "privacy_ledger")}
+        return {
+            t: self._count(t) for t in ("prompts", "responses", "comparisons", "privacy_ledger")
+        }
 
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table, for tests that prove nothing was changed or lost."""
         tables = ("meta", "prompts", "responses", "comparisons", "privacy_ledger")
-        return {t: [tuple(r) for r in self._conn.execute(f"SELECT * FROM {t} ORDER BY 1")] for t in tables}
+        return {
+            t: [tuple(r) for r in self._conn.execute(f"SELECT * FROM {t} ORDER BY 1")]
+            for t in tables
+        }
 
     # -- privacy ledger ---------------------------------------------------------------
 
@@ -263,7 +283,16 @@ class PreferenceStore:
             cursor = self._conn.execute(
                 "INSERT INTO privacy_ledger(run_id, phase, round, noise_multiplier, sample_rate,"
                 " steps, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (run_id, phase, round_, event.noise_multiplier, event.sample_rate, event.steps, _now(), _now()),
+                (
+                    run_id,
+                    phase,
+                    round_,
+                    event.noise_multiplier,
+                    event.sample_rate,
+                    event.steps,
+                    _now(),
+                    _now(),
+                ),
             )
             return int(cursor.lastrowid)
 
@@ -276,7 +305,9 @@ class PreferenceStore:
             if row is None or row["status"] != "pending":
                 raise ValueError(f"ledger entry {entry_id} is not a pending charge")
             if steps_taken > row["steps"]:
-                raise ValueError(f"ledger entry {entry_id}: {steps_taken} steps > {row['steps']} planned")
+                raise ValueError(
+                    f"ledger entry {entry_id}: {steps_taken} steps > {row['steps']} planned"
+                )
             self._conn.execute(
                 "UPDATE privacy_ledger SET steps=?, status='committed', updated_at=? WHERE id=?",
                 (steps_taken, _now(), entry_id),

@@ -158,7 +158,10 @@ class RunConfig:
         checks = [
             (self.model.lora_rank > 0, "model.lora-rank must be > 0"),
             (self.model.max_length >= 8, "model.max-length must be >= 8"),
-            (self.model.reward_pooling in ("mean", "last"), "model.reward-pooling must be 'mean' or 'last'"),
+            (
+                self.model.reward_pooling in ("mean", "last"),
+                "model.reward-pooling must be 'mean' or 'last'",
+            ),
             (self.reward.rounds >= 0, "reward.rounds must be >= 0"),
             (self.reward.local_epochs > 0, "reward.local-epochs must be > 0"),
             (self.reward.batch_size > 0, "reward.batch-size must be > 0"),
@@ -166,15 +169,33 @@ class RunConfig:
             (self.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
             (0 < self.privacy.delta < 1, "privacy.delta must be in (0, 1)"),
             (self.privacy.max_grad_norm > 0, "privacy.max-grad-norm must be > 0"),
-            (self.privacy.noise in ("calibrated", "fixed"), "privacy.noise must be 'calibrated' or 'fixed'"),
+            (
+                self.privacy.noise in ("calibrated", "fixed"),
+                "privacy.noise must be 'calibrated' or 'fixed'",
+            ),
             (self.privacy.noise_multiplier > 0, "privacy.noise-multiplier must be > 0"),
-            (self.privacy.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
+            (
+                self.privacy.accountant in ("rdp", "prv"),
+                "privacy.accountant must be 'rdp' or 'prv'",
+            ),
             (self.federation.min_clients >= 1, "federation.min-clients must be >= 1"),
-            (0 < self.federation.fraction_train <= 1, "federation.fraction-train must be in (0, 1]"),
+            (
+                0 < self.federation.fraction_train <= 1,
+                "federation.fraction-train must be in (0, 1]",
+            ),
             (0 < self.federation.secagg_shares <= 1, "federation.secagg-shares must be in (0, 1]"),
-            (0 < self.federation.secagg_threshold <= 1, "federation.secagg-threshold must be in (0, 1]"),
-            (self.federation.secagg_clipping_range > 0, "federation.secagg-clipping-range must be > 0"),
-            (self.server.optimizer in ("fedavg", "fedadam"), "server.optimizer must be 'fedavg' or 'fedadam'"),
+            (
+                0 < self.federation.secagg_threshold <= 1,
+                "federation.secagg-threshold must be in (0, 1]",
+            ),
+            (
+                self.federation.secagg_clipping_range > 0,
+                "federation.secagg-clipping-range must be > 0",
+            ),
+            (
+                self.server.optimizer in ("fedavg", "fedadam"),
+                "server.optimizer must be 'fedavg' or 'fedadam'",
+            ),
             (self.server.learning_rate > 0, "server.learning-rate must be > 0"),
         ]
         for ok, message in checks:

@@ -162,7 +162,9 @@ class RewardModel(nn.Module):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copy adapter and head tensors in; names and shapes must already be checked."""
-        adapter = {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
+        adapter = {
+            k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")
+        }
         result = set_peft_model_state_dict(self.lm, adapter, adapter_name=REWARD_ADAPTER)
         if result.unexpected_keys:
             raise ValueError(f"adapter tensors not in the model: {result.unexpected_keys}")
@@ -188,9 +190,7 @@ class RewardModel(nn.Module):
         return adapter_dir
 
 
-def build_reward_model(
-    base: PreTrainedModel, config: ModelConfig, seed: int = 0
-) -> RewardModel:
+def build_reward_model(base: PreTrainedModel, config: ModelConfig, seed: int = 0) -> RewardModel:
     """Put a fresh ``reward`` LoRA adapter and scalar head on ``base`` (in place)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)

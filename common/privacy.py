@@ -48,7 +48,9 @@ def merge_events(events: Sequence[DPEvent]) -> list[DPEvent]:
 def accountant_for(events: Sequence[DPEvent], kind: str = "rdp") -> IAccountant:
     """An Opacus accountant whose history is ``events``; training appends to it."""
     accountant = create_accountant(kind)
-    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merge_events(events)]
+    accountant.history = [
+        (e.noise_multiplier, e.sample_rate, e.steps) for e in merge_events(events)
+    ]
     return accountant
 
 

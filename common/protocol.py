@@ -39,8 +39,15 @@ class RoundInstruction:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str) -> RoundInstruction:
         """Parse and check; errors name the field and ``where`` it arrived."""
-        expected = {"phase": str, "task": str, "round": int, "rounds": int,
-                    "server_round": int, "seed": int, "protocol": int}
+        expected = {
+            "phase": str,
+            "task": str,
+            "round": int,
+            "rounds": int,
+            "server_round": int,
+            "seed": int,
+            "protocol": int,
+        }
         values: dict[str, Any] = {}
         for name, kind in expected.items():
             if name not in config:

@@ -51,7 +51,9 @@ def check_array(array: np.ndarray, spec: TensorSpec, where: str) -> None:
             f"{where}: tensor {spec.name!r} has shape {tuple(array.shape)}, expected {spec.shape}"
         )
     if array.dtype != np.dtype(spec.dtype):
-        raise WireError(f"{where}: tensor {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
+        raise WireError(
+            f"{where}: tensor {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}"
+        )
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise WireError(f"{where}: tensor {spec.name!r} holds {bad} NaN/Inf value(s)")
@@ -65,7 +67,9 @@ def from_ndarrays(
         raise WireError(f"{where}: {len(arrays)} tensors arrived, expected {len(spec)}")
     for array, s in zip(arrays, spec, strict=True):
         check_array(array, s, where)
-    return {s.name: torch.from_numpy(np.array(a, copy=True)) for a, s in zip(arrays, spec, strict=True)}
+    return {
+        s.name: torch.from_numpy(np.array(a, copy=True)) for a, s in zip(arrays, spec, strict=True)
+    }
 
 
 def from_named_arrays(
@@ -101,7 +105,9 @@ class StatsLayout:
 
     def encode(self, values: Mapping[str, float]) -> np.ndarray:
         if set(values) != set(self.names):
-            raise WireError(f"statistics {sorted(values)} do not match the layout {sorted(self.names)}")
+            raise WireError(
+                f"statistics {sorted(values)} do not match the layout {sorted(self.names)}"
+            )
         out = np.zeros(len(self.fields), dtype=np.float32)
         for i, (name, bound) in enumerate(self.fields):
             value = float(values[name])

@@ -1,8 +1,8 @@
 """The ``fedrlhf`` command line.
 
-    fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
-    fedrlhf import --store PATH FILE.jsonl [...]
-    fedrlhf store-info --store PATH
+fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
+fedrlhf import --store PATH FILE.jsonl [...]
+fedrlhf store-info --store PATH
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def _simulate(args: argparse.Namespace) -> int:
         world = replace(world, organizations=args.orgs)
     if args.comparisons:
         world = replace(world, comparisons_per_org=args.comparisons)
-    options = SimulationOptions(out_dir=Path(args.out), world=world, overrides=overrides, baselines=not args.no_baselines)
+    options = SimulationOptions(
+        out_dir=Path(args.out), world=world, overrides=overrides, baselines=not args.no_baselines
+    )
     if args.cache:
         options.cache_dir = Path(args.cache)
     report = run_simulation(options)
@@ -55,7 +57,9 @@ def _import(args: argparse.Namespace) -> int:
     with PreferenceStore(args.store) as store:
         for path in args.files:
             report = import_jsonl(store, path, annotator=args.annotator)
-            print(f"{path}: {report.comparisons} comparisons, {report.added} added, {report.duplicates} already present")
+            print(
+                f"{path}: {report.comparisons} comparisons, {report.added} added, {report.duplicates} already present"
+            )
     return 0
 
 
@@ -70,29 +74,54 @@ def _store_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedrlhf", description="Federated, privacy-preserving RLHF.")
+    parser = argparse.ArgumentParser(
+        prog="fedrlhf", description="Federated, privacy-preserving RLHF."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="run the whole federation on this machine and write a report")
-    sim.add_argument("--out", default="runs/simulation", help="run directory (report, plots, checkpoints)")
+    sim = sub.add_parser(
+        "simulate", help="run the whole federation on this machine and write a report"
+    )
+    sim.add_argument(
+        "--out", default="runs/simulation", help="run directory (report, plots, checkpoints)"
+    )
     sim.add_argument("--orgs", type=int, help="number of simulated organizations")
     sim.add_argument("--comparisons", type=int, help="comparisons per organization")
-    sim.add_argument("--set", action="append", type=_parse_override, metavar="KEY=VALUE",
-                     help="run-config override, e.g. --set reward.rounds=5 (repeatable)")
-    sim.add_argument("--cache", help="where the pretrained tiny base is cached (default ~/.cache/fedrlhf)")
-    sim.add_argument("--no-baselines", action="store_true", help="skip the centralized and single-org baselines")
+    sim.add_argument(
+        "--set",
+        action="append",
+        type=_parse_override,
+        metavar="KEY=VALUE",
+        help="run-config override, e.g. --set reward.rounds=5 (repeatable)",
+    )
+    sim.add_argument(
+        "--cache", help="where the pretrained tiny base is cached (default ~/.cache/fedrlhf)"
+    )
+    sim.add_argument(
+        "--no-baselines", action="store_true", help="skip the centralized and single-org baselines"
+    )
     sim.add_argument("--strict", action="store_true", help="exit 1 if any target check fails")
     sim.set_defaults(func=_simulate)
 
     imp = sub.add_parser("import", help="import preference comparisons (JSONL) into a local store")
-    imp.add_argument("--store", required=True, help="the organization's SQLite store (created if missing)")
-    imp.add_argument("--annotator", default="import", help="annotator recorded when a line names none")
-    imp.add_argument("files", nargs="+", help="JSONL files: prompt/chosen/rejected or Anthropic-HH chosen/rejected")
+    imp.add_argument(
+        "--store", required=True, help="the organization's SQLite store (created if missing)"
+    )
+    imp.add_argument(
+        "--annotator", default="import", help="annotator recorded when a line names none"
+    )
+    imp.add_argument(
+        "files",
+        nargs="+",
+        help="JSONL files: prompt/chosen/rejected or Anthropic-HH chosen/rejected",
+    )
     imp.set_defaults(func=_import)
 
     info = sub.add_parser("store-info", help="counts and privacy spent in a local store")
     info.add_argument("--store", required=True)
-    info.add_argument("--delta", type=float, help="delta for the epsilon shown (default: the run default)")
+    info.add_argument(
+        "--delta", type=float, help="delta for the epsilon shown (default: the run default)"
+    )
     info.set_defaults(func=_store_info)
     return parser
 

@@ -67,13 +67,17 @@ class RunDirectory:
         target = self.checkpoints / pointer.read_text().strip()
         return target if (target / STATE_FILE).exists() else None
 
-    def save(self, state: ServerState, model: RewardModel, optimizer_state: dict[str, torch.Tensor]) -> Path:
+    def save(
+        self, state: ServerState, model: RewardModel, optimizer_state: dict[str, torch.Tensor]
+    ) -> Path:
         name = f"{state.phase}-round-{state.round:04d}"
         final = self.checkpoints / name
         tmp = self.checkpoints / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_FILE))
+        save_file(
+            {k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_FILE)
+        )
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -81,7 +85,9 @@ class RunDirectory:
         self._write_metrics(state.history)
         return final
 
-    def load(self, checkpoint: Path) -> tuple[ServerState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def load(
+        self, checkpoint: Path
+    ) -> tuple[ServerState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """State, the trainable tensors of the reward model, and the optimizer state."""
         state = ServerState(**json.loads((checkpoint / STATE_FILE).read_text()))
         adapter_dir = checkpoint / REWARD_ADAPTER

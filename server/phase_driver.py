@@ -77,7 +77,9 @@ class PhaseDriver:
         self._final_evaluation(phase_rounds)
         self.state.finished = True
         self.run.save(self.state, self.model, self.optimizer.state_dict())
-        log.info("run finished: %d reward rounds; checkpoints in %s", phase_rounds, self.run.checkpoints)
+        log.info(
+            "run finished: %d reward rounds; checkpoints in %s", phase_rounds, self.run.checkpoints
+        )
         return self.state
 
     def _resume_or_start(self) -> None:
@@ -88,7 +90,9 @@ class PhaseDriver:
             self.run.save(self.state, self.model, self.optimizer.state_dict())
             return
         state, tensors, optimizer_state = self.run.load(latest)
-        self.weights = from_named_arrays({k: v.numpy() for k, v in tensors.items()}, self.spec, f"checkpoint {latest}")
+        self.weights = from_named_arrays(
+            {k: v.numpy() for k, v in tensors.items()}, self.spec, f"checkpoint {latest}"
+        )
         self.model.load_trainable_state(self.weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.state = state
@@ -112,36 +116,63 @@ class PhaseDriver:
         nodes = sorted(self.grid.get_node_ids())
         fed = self.config.federation
         count = min(len(nodes), max(fed.min_clients, round(fed.fraction_train * len(nodes))))
-        return sorted(random.Random(self.config.seed * 1_000_003 + server_round).sample(nodes, count))
+        return sorted(
+            random.Random(self.config.seed * 1_000_003 + server_round).sample(nodes, count)
+        )
 
     def _send(self, instruction: RoundInstruction, arrays: list[np.ndarray]) -> RoundOutcome:
         nodes = self._sample(instruction.server_round)
         fed = self.config.federation
         if fed.secure_aggregation:
             return run_secure_round(
-                self.grid, self.context, nodes, instruction.to_config(), arrays, fed, instruction.server_round
+                self.grid,
+                self.context,
+                nodes,
+                instruction.to_config(),
+                arrays,
+                fed,
+                instruction.server_round,
             )
         return run_plain_round(
-            self.grid, nodes, instruction.to_config(), arrays, fed, instruction.server_round,
+            self.grid,
+            nodes,
+            instruction.to_config(),
+            arrays,
+            fed,
+            instruction.server_round,
             validate=lambda reply, where: self._unpack(reply, instruction, where),
         )
 
     def _unpack(self, arrays: list[np.ndarray], instruction: RoundInstruction, where: str):
         spec = self.spec if instruction.task == "train" else []
-        return unpack_update([np.asarray(a, dtype=np.float32) for a in arrays], spec, REWARD_STATS, where)
+        return unpack_update(
+            [np.asarray(a, dtype=np.float32) for a in arrays], spec, REWARD_STATS, where
+        )
 
-    def _attempt(self, task: str, round_: int, rounds: int) -> tuple[RoundOutcome, dict, dict[str, float]]:
+    def _attempt(
+        self, task: str, round_: int, rounds: int
+    ) -> tuple[RoundOutcome, dict, dict[str, float]]:
         """Send one round (retrying a failed one); returns outcome, update, stat sums."""
         for attempt in range(1, MAX_ATTEMPTS_PER_ROUND + 1):
             self.state.server_round += 1
             instruction = RoundInstruction(
-                phase="reward", task=task, round=round_, rounds=rounds,
-                server_round=self.state.server_round, seed=self.config.seed,
+                phase="reward",
+                task=task,
+                round=round_,
+                rounds=rounds,
+                server_round=self.state.server_round,
+                seed=self.config.seed,
             )
             arrays = to_ndarrays(self.weights, self.spec)
             outcome = self._send(instruction, arrays)
             for d in outcome.dropouts:
-                log.warning("reward round %d: node %d dropped at %s: %s", round_, d.node_id, d.stage, d.reason)
+                log.warning(
+                    "reward round %d: node %d dropped at %s: %s",
+                    round_,
+                    d.node_id,
+                    d.stage,
+                    d.reason,
+                )
             try:
                 if outcome.mean is None:
                     raise RoundFailed("no aggregate (too few clients survived the round)")
@@ -150,11 +181,15 @@ class PhaseDriver:
                         f"{len(outcome.survivors)} survivors < federation.min-clients "
                         f"{self.config.federation.min_clients}"
                     )
-                update, stats = self._unpack(outcome.mean, instruction, f"aggregate of round {round_}")
+                update, stats = self._unpack(
+                    outcome.mean, instruction, f"aggregate of round {round_}"
+                )
             except (RoundFailed, WireError) as exc:
                 log.error("reward round %d attempt %d failed: %s", round_, attempt, exc)
                 continue
-            sums = {k: v * len(outcome.survivors) for k, v in REWARD_STATS.decode_sum(stats).items()}
+            sums = {
+                k: v * len(outcome.survivors) for k, v in REWARD_STATS.decode_sum(stats).items()
+            }
             return outcome, update, sums
         raise RoundFailed(f"reward round {round_} failed {MAX_ATTEMPTS_PER_ROUND} times; stopping")
 
@@ -172,7 +207,13 @@ class PhaseDriver:
         self._record("evaluate", rounds, rounds, outcome, sums, 0.0)
 
     def _record(
-        self, task: str, round_: int, rounds: int, outcome: RoundOutcome, sums: dict[str, float], update_norm: float
+        self,
+        task: str,
+        round_: int,
+        rounds: int,
+        outcome: RoundOutcome,
+        sums: dict[str, float],
+        update_norm: float,
     ) -> None:
         n = len(outcome.survivors)
         pairs = round(sums["eval_pairs"])
@@ -203,10 +244,17 @@ class PhaseDriver:
         log.info(
             "reward round %d/%d %s: %d/%d clients, held-out accuracy of model %d %s, loss %s, "
             "mean epsilon %.3f%s, %s B down / %s B up per client, %.1f s",
-            round_, rounds, task, n, len(outcome.sampled), entry["evaluated_model_round"],
+            round_,
+            rounds,
+            task,
+            n,
+            len(outcome.sampled),
+            entry["evaluated_model_round"],
             f"{acc:.4f}" if acc is not None else "n/a",
             f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-",
-            entry["epsilon_mean"], "" if self.config.privacy.enabled else " (DP OFF)",
-            entry["bytes_down_per_client"], entry["bytes_up_per_client"], outcome.seconds,
+            entry["epsilon_mean"],
+            "" if self.config.privacy.enabled else " (DP OFF)",
+            entry["bytes_down_per_client"],
+            entry["bytes_up_per_client"],
+            outcome.seconds,
         )
-

@@ -85,7 +85,9 @@ class ObservedGrid:
         stage = _stage(messages[0]) if messages else "?"
         for m in messages:
             down = self._outcome.bytes_down
-            down[m.metadata.dst_node_id] = down.get(m.metadata.dst_node_id, 0) + payload_bytes(m.content)
+            down[m.metadata.dst_node_id] = down.get(m.metadata.dst_node_id, 0) + payload_bytes(
+                m.content
+            )
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         answered = set()
         for reply in replies:
@@ -94,7 +96,9 @@ class ObservedGrid:
             if reply.has_error():
                 self._outcome.dropouts.append(Dropout(node, stage, str(reply.error.reason)))
             else:
-                self._outcome.bytes_up[node] = self._outcome.bytes_up.get(node, 0) + payload_bytes(reply.content)
+                self._outcome.bytes_up[node] = self._outcome.bytes_up.get(node, 0) + payload_bytes(
+                    reply.content
+                )
         for m in messages:
             if m.metadata.dst_node_id not in answered:
                 self._outcome.dropouts.append(
@@ -113,7 +117,9 @@ def _stage(message: Message) -> str:
 class _PresetRound(Strategy):
     """A legacy strategy for one secure round with preset clients and instructions."""
 
-    def __init__(self, grid: Grid, run_id: int, node_ids: list[int], config: dict[str, Any]) -> None:
+    def __init__(
+        self, grid: Grid, run_id: int, node_ids: list[int], config: dict[str, Any]
+    ) -> None:
         self.grid, self.run_id, self.node_ids, self.config = grid, run_id, node_ids, config
         self.mean: list[np.ndarray] | None = None
         self.survivors: list[int] = []
@@ -196,12 +202,21 @@ def run_plain_round(
     """
     outcome = RoundOutcome(sampled=sorted(node_ids))
     start = time.perf_counter()
-    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), dict(config)), True)
+    content = compat.fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters(arrays), dict(config)), True
+    )
     messages = [
-        Message(content=content, dst_node_id=node, message_type="train.plain", group_id=str(server_round))
+        Message(
+            content=content,
+            dst_node_id=node,
+            message_type="train.plain",
+            group_id=str(server_round),
+        )
         for node in node_ids
     ]
-    replies = ObservedGrid(grid, outcome).send_and_receive(messages, timeout=federation.round_timeout)
+    replies = ObservedGrid(grid, outcome).send_and_receive(
+        messages, timeout=federation.round_timeout
+    )
     collected = []
     for reply in replies:
         if reply.has_error():
@@ -220,7 +235,8 @@ def run_plain_round(
     outcome.survivors.sort()
     if collected:
         outcome.mean = [
-            np.mean([c[i].astype(np.float64) for c in collected], axis=0) for i in range(len(collected[0]))
+            np.mean([c[i].astype(np.float64) for c in collected], axis=0)
+            for i in range(len(collected[0]))
         ]
     outcome.seconds = time.perf_counter() - start
     return outcome

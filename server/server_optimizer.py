@@ -20,7 +20,9 @@ class ServerOptimizer:
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
-    def step(self, weights: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(
+        self, weights: dict[str, torch.Tensor], update: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """The next global weights; ``update`` is the mean client update."""
         c = self.config
         if c.optimizer == "fedavg":
@@ -36,7 +38,10 @@ class ServerOptimizer:
         return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**{f"m.{k}": t for k, t in self.m.items()}, **{f"v.{k}": t for k, t in self.v.items()}}
+        return {
+            **{f"m.{k}": t for k, t in self.m.items()},
+            **{f"v.{k}": t for k, t in self.v.items()},
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.m = {k[2:]: t for k, t in state.items() if k.startswith("m.")}

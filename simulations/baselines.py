@@ -19,7 +19,14 @@ import numpy as np
 from client.reward_training import train_reward_model
 from client.store import Comparison
 from common.config import RunConfig
-from common.model import EncodedPairs, RewardModel, build_reward_model, encode_pairs, load_base, score_pairs
+from common.model import (
+    EncodedPairs,
+    RewardModel,
+    build_reward_model,
+    encode_pairs,
+    load_base,
+    score_pairs,
+)
 from simulations.world import Pair, World, expected_accuracy
 
 
@@ -43,7 +50,9 @@ def build_test_set(world: World, tokenizer, max_length: int) -> TestSet:
     return TestSet(pairs, encoded, np.array([world.preference_probability(p) for p in pairs]))
 
 
-def train_non_dp(config: RunConfig, comparisons: list[Comparison], epochs: float, seed: int) -> RewardModel:
+def train_non_dp(
+    config: RunConfig, comparisons: list[Comparison], epochs: float, seed: int
+) -> RewardModel:
     """A reward model trained without DP on ``comparisons`` for ``epochs`` passes."""
     base, tokenizer = load_base(config.model.base, seed=config.seed)
     model = build_reward_model(base, config.model, seed=config.seed)
@@ -56,7 +65,12 @@ def train_non_dp(config: RunConfig, comparisons: list[Comparison], epochs: float
     )
     steps = max(1, math.ceil(epochs * len(pairs) / config.reward.batch_size))
     train_reward_model(
-        model, pairs, steps=steps, batch_size=config.reward.batch_size,
-        learning_rate=config.reward.learning_rate, dp=None, seed=seed,
+        model,
+        pairs,
+        steps=steps,
+        batch_size=config.reward.batch_size,
+        learning_rate=config.reward.learning_rate,
+        dp=None,
+        seed=seed,
     )
     return model

@@ -7,6 +7,7 @@ PID and stop it, with the Ray cluster and app processes under it, when done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -87,13 +88,23 @@ class SimulationSuperLink:
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
             [
-                _bin("flower-superlink"), "--insecure", "--simulation",
-                "--isolation", "subprocess",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--database", str(self.home / "state.db"),
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.home / "state.db"),
                 "--disable-runtime-dependency-installation",
             ],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait_until_listening()
         return self
@@ -102,7 +113,9 @@ class SimulationSuperLink:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with {self.process.returncode}; see {self.log_file}")
+                raise RuntimeError(
+                    f"flower-superlink exited with {self.process.returncode}; see {self.log_file}"
+                )
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
@@ -117,13 +130,25 @@ class SimulationSuperLink:
         log = log_file.open("ab")
         return subprocess.Popen(
             [
-                _bin("flwr"), "run", str(app_dir), "sim", "--stream",
-                "--run-config", str(run_config_file), "--federation-config", federation,
+                _bin("flwr"),
+                "run",
+                str(app_dir),
+                "sim",
+                "--stream",
+                "--run-config",
+                str(run_config_file),
+                "--federation-config",
+                federation,
             ],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    def __exit__(
+        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> None:
         if self.process is not None:
             stop_process_group(self.process)
 
@@ -135,12 +160,8 @@ def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) ->
             os.killpg(process.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # stragglers (Ray workers, superexec)
-    except ProcessLookupError:
-        pass
     process.wait()

@@ -74,14 +74,20 @@ def train_base(world: World, config: PretrainConfig, out_dir: Path) -> None:
             rows = torch.randint(0, ids.shape[0], (config.batch_size,), generator=generator)
             width = int(mask[rows].sum(1).max())
             out = model(
-                input_ids=ids[rows, :width], attention_mask=mask[rows, :width], labels=labels[rows, :width]
+                input_ids=ids[rows, :width],
+                attention_mask=mask[rows, :width],
+                labels=labels[rows, :width],
             )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            progress.update(task, advance=1, description=f"pretraining the tiny base (loss {out.loss.item():.3f})")
+            progress.update(
+                task,
+                advance=1,
+                description=f"pretraining the tiny base (loss {out.loss.item():.3f})",
+            )
             if step % 100 == 0 or step == config.steps - 1:
                 log.info("pretrain step %d/%d loss %.4f", step + 1, config.steps, out.loss.item())
     model.eval()

@@ -51,15 +51,24 @@ def client_epsilons(config: RunConfig, stores: list[Path]) -> list[float]:
     eps = []
     for path in stores:
         with PreferenceStore(path) as store:
-            eps.append(epsilon(store.privacy_events(), config.privacy.delta, config.privacy.accountant))
+            eps.append(
+                epsilon(store.privacy_events(), config.privacy.delta, config.privacy.accountant)
+            )
     return eps
 
 
 def build_report(
-    config: RunConfig, run_dir: Path, stores: list[Path], test: TestSet, baselines: Baselines, world: dict[str, Any]
+    config: RunConfig,
+    run_dir: Path,
+    stores: list[Path],
+    test: TestSet,
+    baselines: Baselines,
+    world: dict[str, Any],
 ) -> dict[str, Any]:
     run = RunDirectory(run_dir)
-    history = [json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()]
+    history = [
+        json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()
+    ]
     accuracies = round_accuracies(config, run, test)
     eps = client_epsilons(config, stores)
     train_rounds = [h for h in history if h["task"] == "train"]
@@ -109,9 +118,11 @@ def build_report(
     }
     report["checks"] = {
         "centralized >= 95% of Bayes": report["centralized_share_of_bayes"] >= 0.95,
-        "federated within 3 points of centralized": report["federated_minus_centralized_points"] >= -3.0,
+        "federated within 3 points of centralized": report["federated_minus_centralized_points"]
+        >= -3.0,
         "federated beats median single organization": final > median_single,
-        "epsilon <= budget for every client": (not config.privacy.enabled) or max(eps) <= config.privacy.epsilon + 1e-6,
+        "epsilon <= budget for every client": (not config.privacy.enabled)
+        or max(eps) <= config.privacy.epsilon + 1e-6,
         "delta <= 1e-5": config.privacy.delta <= 1e-5,
     }
     _write(run_dir, report)
@@ -132,15 +143,40 @@ def _write(run_dir: Path, report: dict[str, Any]) -> None:
 def _plot_accuracy(path: Path, report: dict[str, Any]) -> None:
     rounds = [r["round"] for r in report["rounds"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    label = "federated" + (" + DP" if report["dp"] else " (DP OFF)") + (" + SecAgg+" if report["secure_aggregation"] else "")
+    label = (
+        "federated"
+        + (" + DP" if report["dp"] else " (DP OFF)")
+        + (" + SecAgg+" if report["secure_aggregation"] else "")
+    )
     ax.plot(rounds, [r["test_accuracy"] for r in report["rounds"]], marker="o", label=label)
-    fed = [(r["round"], r["federated_heldout_accuracy"]) for r in report["rounds"] if r["federated_heldout_accuracy"] is not None]
+    fed = [
+        (r["round"], r["federated_heldout_accuracy"])
+        for r in report["rounds"]
+        if r["federated_heldout_accuracy"] is not None
+    ]
     if fed:
-        ax.plot(*zip(*fed, strict=True), linestyle=":", marker=".", label="federated evaluation (clients' held-out labels)")
-    ax.axhline(report["bayes_ceiling"], color="black", linestyle="--", label="Bayes-optimal ceiling")
+        ax.plot(
+            *zip(*fed, strict=True),
+            linestyle=":",
+            marker=".",
+            label="federated evaluation (clients' held-out labels)",
+        )
+    ax.axhline(
+        report["bayes_ceiling"], color="black", linestyle="--", label="Bayes-optimal ceiling"
+    )
     ax.axhline(0.95 * report["bayes_ceiling"], color="gray", linestyle=":", label="95% of ceiling")
-    ax.axhline(report["centralized_non_dp_accuracy"], color="green", linestyle="-.", label="centralized, non-DP")
-    ax.axhline(report["single_org_median_accuracy"], color="red", linestyle="-.", label="single organization (median)")
+    ax.axhline(
+        report["centralized_non_dp_accuracy"],
+        color="green",
+        linestyle="-.",
+        label="centralized, non-DP",
+    )
+    ax.axhline(
+        report["single_org_median_accuracy"],
+        color="red",
+        linestyle="-.",
+        label="single organization (median)",
+    )
     ax.set_xlabel("reward round")
     ax.set_ylabel("test accuracy (expected, vs. annotators)")
     ax.set_title("Reward model accuracy per round")
@@ -155,7 +191,12 @@ def _plot_epsilon(path: Path, report: dict[str, Any]) -> None:
     eps = report["epsilon_per_client"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([f"org-{i}" for i in range(len(eps))], eps)
-    ax.axhline(report["epsilon_budget"], color="red", linestyle="--", label=f"budget {report['epsilon_budget']}")
+    ax.axhline(
+        report["epsilon_budget"],
+        color="red",
+        linestyle="--",
+        label=f"budget {report['epsilon_budget']}",
+    )
     ax.set_ylabel(f"epsilon (delta={report['delta']:g}, {report['accountant']})")
     ax.set_title("Privacy spent per client, composed over the run")
     ax.legend()
@@ -167,10 +208,24 @@ def _plot_epsilon(path: Path, report: dict[str, Any]) -> None:
 def _plot_bytes(path: Path, report: dict[str, Any]) -> None:
     rows = [r for r in report["rounds"] if r["bytes_down_per_client"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["round"] for r in rows], [r["bytes_down_per_client"] for r in rows], marker="o", label="server -> client")
-    ax.plot([r["round"] for r in rows], [r["bytes_up_per_client"] for r in rows], marker="s", label="client -> server (masked)")
-    ax.axhline(report["full_model_bytes"], color="red", linestyle="--", label="sending the whole model")
-    ax.axhline(report["adapter_bytes"], color="gray", linestyle=":", label="adapter + head (float32)")
+    ax.plot(
+        [r["round"] for r in rows],
+        [r["bytes_down_per_client"] for r in rows],
+        marker="o",
+        label="server -> client",
+    )
+    ax.plot(
+        [r["round"] for r in rows],
+        [r["bytes_up_per_client"] for r in rows],
+        marker="s",
+        label="client -> server (masked)",
+    )
+    ax.axhline(
+        report["full_model_bytes"], color="red", linestyle="--", label="sending the whole model"
+    )
+    ax.axhline(
+        report["adapter_bytes"], color="gray", linestyle=":", label="adapter + head (float32)"
+    )
     ax.set_yscale("log")
     ax.set_xlabel("reward round")
     ax.set_ylabel("payload bytes per client")

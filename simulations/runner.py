@@ -25,8 +25,14 @@ from rich.table import Table
 from client.store import NewComparison, PreferenceStore
 from common.config import RunConfig
 from common.model import load_base
+from server.checkpoints import RunDirectory
 from simulations.baselines import build_test_set, train_non_dp
-from simulations.flower_runtime import PROJECT_DIR, SimulationSuperLink, stop_process_group, write_run_config
+from simulations.flower_runtime import (
+    PROJECT_DIR,
+    SimulationSuperLink,
+    stop_process_group,
+    write_run_config,
+)
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
 from simulations.world import World, WorldConfig, bayes_accuracy
@@ -59,7 +65,9 @@ def fill_stores(world: World, config: RunConfig, stores_dir: Path) -> list[Path]
         with PreferenceStore(path) as store:
             store.add_comparisons(
                 (
-                    NewComparison(prompt, chosen, rejected, annotator=f"sim-{org.name}", origin="simulation")
+                    NewComparison(
+                        prompt, chosen, rejected, annotator=f"sim-{org.name}", origin="simulation"
+                    )
                     for prompt, chosen, rejected in world.local_comparisons(org.index)
                 ),
                 source="simulated",
@@ -75,33 +83,46 @@ def _run_baselines(config: RunConfig, stores: list[Path], test) -> Baselines:  #
         with PreferenceStore(path) as store:
             per_org.append(store.comparisons("train", split))
     with console.status("baseline: centralized, non-DP, all organizations' data"):
-        centralized = test.accuracy(train_non_dp(config, [c for org in per_org for c in org], BASELINE_EPOCHS, 1))
+        centralized = test.accuracy(
+            train_non_dp(config, [c for org in per_org for c in org], BASELINE_EPOCHS, 1)
+        )
     console.print(f"baseline centralized non-DP accuracy {centralized:.4f}")
     single = []
     for i, comparisons in enumerate(per_org):
         with console.status(f"baseline: org-{i} alone, non-DP"):
             single.append(test.accuracy(train_non_dp(config, comparisons, BASELINE_EPOCHS, 2 + i)))
-    console.print("baseline single-organization accuracies " + ", ".join(f"{a:.4f}" for a in single))
+    console.print(
+        "baseline single-organization accuracies " + ", ".join(f"{a:.4f}" for a in single)
+    )
     return Baselines(centralized, single, bayes_accuracy(test.probabilities))
 
 
-def _federate(config: RunConfig, options: SimulationOptions, overrides: dict, run_dir: Path) -> None:
-    """flwr run under our own SuperLink, with a progress bar fed by metrics.jsonl."""
+def federate(
+    config: RunConfig, overrides: dict, run_dir: Path, organizations: int, timeout: float
+) -> None:
+    """``flwr run`` under our own SuperLink, with a progress bar fed by metrics.jsonl."""
     flower_home = run_dir / "flower-home"
     log_file = run_dir / "flower.log"
     config_file = write_run_config(run_dir / "run_config_overrides.toml", overrides)
     metrics = run_dir / "metrics.jsonl"
     total = config.reward.rounds + 1
     with SimulationSuperLink(flower_home, log_file) as superlink:
-        process = superlink.run(PROJECT_DIR, config_file, options.world.organizations, log_file)
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-        deadline = time.monotonic() + options.timeout
+        process = superlink.run(PROJECT_DIR, config_file, organizations, log_file)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+        )
+        deadline = time.monotonic() + timeout
         try:
             with Progress(*columns, console=console) as progress:
                 task = progress.add_task("federated reward rounds: starting Flower", total=total)
                 while process.poll() is None:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"simulation did not finish within {options.timeout} s; see {log_file}")
+                        raise TimeoutError(
+                            f"simulation did not finish within {timeout} s; see {log_file}"
+                        )
                     lines = metrics.read_text().splitlines() if metrics.exists() else []
                     if lines:
                         last = json.loads(lines[-1])
@@ -111,17 +132,30 @@ def _federate(config: RunConfig, options: SimulationOptions, overrides: dict, ru
                             completed=len(lines),
                             description=(
                                 f"reward round {last['round']} {last['task']}: held-out acc "
-                                f"{acc:.3f}, epsilon {last['epsilon_mean']:.2f}" if acc is not None else "reward rounds"
+                                f"{acc:.3f}, epsilon {last['epsilon_mean']:.2f}"
+                                if acc is not None
+                                else "reward rounds"
                             ),
                         )
                     time.sleep(1.0)
-                progress.update(task, completed=len(metrics.read_text().splitlines()) if metrics.exists() else 0)
+                progress.update(
+                    task, completed=len(metrics.read_text().splitlines()) if metrics.exists() else 0
+                )
         finally:
             stop_process_group(process)
-    state = json.loads((run_dir / "checkpoints" / (run_dir / "LATEST").read_text().strip() / "state.json").read_text()) \
-        if (run_dir / "LATEST").exists() else {}
-    if process.returncode != 0 or not state.get("finished"):
-        raise RuntimeError(f"the federated run failed (flwr exit code {process.returncode}); see {log_file}")
+    latest = RunDirectory(run_dir).latest()
+    finished = latest is not None and json.loads((latest / "state.json").read_text())["finished"]
+    if process.returncode != 0 or not finished:
+        raise RuntimeError(
+            f"the federated run failed (flwr exit code {process.returncode}); see {log_file}"
+        )
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove an earlier run's checkpoints, so the server starts afresh instead of resuming."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for name in ("LATEST", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def run_simulation(options: SimulationOptions) -> dict:
@@ -137,11 +171,15 @@ def run_simulation(options: SimulationOptions) -> dict:
         "run-dir": str(run_dir),
         "model.base": str(base_dir),
         "client.store": str(stores_dir / "org-{partition-id}.sqlite"),
-        "federation.min-clients": options.overrides.get("federation.min-clients", options.world.organizations),
+        "federation.min-clients": options.overrides.get(
+            "federation.min-clients", options.world.organizations
+        ),
     }
     config = RunConfig().replace(**overrides)
     stores = fill_stores(world, config, stores_dir)
-    console.print(f"{len(stores)} organizations, {options.world.comparisons_per_org} comparisons each, stores in {stores_dir}")
+    console.print(
+        f"{len(stores)} organizations, {options.world.comparisons_per_org} comparisons each, stores in {stores_dir}"
+    )
 
     _, tokenizer = load_base(str(base_dir))
     test = build_test_set(world, tokenizer, config.model.max_length)
@@ -149,13 +187,14 @@ def run_simulation(options: SimulationOptions) -> dict:
         baselines = _run_baselines(config, stores, test)
     else:
         baselines = Baselines(float("nan"), [float("nan")], bayes_accuracy(test.probabilities))
-    for stale in ("checkpoints", "LATEST", "metrics.jsonl"):
-        target = run_dir / stale
-        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    _federate(config, options, overrides, run_dir)
+    clear_run(run_dir)
+    federate(config, overrides, run_dir, options.world.organizations, options.timeout)
 
     with console.status("scoring every round's reward model against the world's truth"):
-        world_info = {**asdict(options.world), "organization_tilts": [o.tilt for o in world.organizations]}
+        world_info = {
+            **asdict(options.world),
+            "organization_tilts": [o.tilt for o in world.organizations],
+        }
         report = build_report(config, run_dir, stores, test, baselines, world_info)
     report["seconds"] = round(time.perf_counter() - started, 1)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -174,8 +213,13 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     sa = " + SecAgg+" if report["secure_aggregation"] else ""
     table.add_row(f"federated + {dp}{sa}, final", f"{report['federated_final_accuracy']:.4f}")
     eps = report["epsilon_per_client"]
-    table.add_row("epsilon per client (max / median)", f"{max(eps):.3f} / {statistics.median(eps):.3f}")
-    table.add_row("adapter bytes / full model bytes", f"{report['adapter_bytes']:,} / {report['full_model_bytes']:,}")
+    table.add_row(
+        "epsilon per client (max / median)", f"{max(eps):.3f} / {statistics.median(eps):.3f}"
+    )
+    table.add_row(
+        "adapter bytes / full model bytes",
+        f"{report['adapter_bytes']:,} / {report['full_model_bytes']:,}",
+    )
     table.add_row("wall time", f"{report['seconds']:.0f} s")
     console.print(table)
     for check, ok in report["checks"].items():

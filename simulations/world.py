@@ -43,7 +43,10 @@ TOPICS: dict[str, dict[str, list[str]]] = {
     },
     "code": {
         "objects": ["bug", "script", "test", "website", "database"],
-        "good": ["Write a small test that shows the problem.", "Read the error and check the logs."],
+        "good": [
+            "Write a small test that shows the problem.",
+            "Read the error and check the logs.",
+        ],
         "vague": ["Computers are complicated."],
         "wrong": ["Delete the tests until it passes."],
     },
@@ -121,7 +124,9 @@ class WorldConfig:
         """Identifies the world's *text* distribution (what the base model is trained on)."""
         text_fields = {k: asdict(self)[k] for k in ("answer_on_topic", "slot_presence", "seed")}
         grammar = [TOPICS, STYLE, QUESTION_TEMPLATES]
-        return hashlib.sha256(json.dumps([text_fields, grammar], sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(
+            json.dumps([text_fields, grammar], sort_keys=True).encode()
+        ).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,12 @@ _BY_LENGTH = sorted(PHRASES, key=len, reverse=True)
 
 
 def all_prompts() -> list[str]:
-    return [t.format(obj=obj) for spec in TOPICS.values() for obj in spec["objects"] for t in QUESTION_TEMPLATES]
+    return [
+        t.format(obj=obj)
+        for spec in TOPICS.values()
+        for obj in spec["objects"]
+        for t in QUESTION_TEMPLATES
+    ]
 
 
 def topic_of(prompt: str) -> str | None:
@@ -225,7 +235,9 @@ class World:
             prompts = []
             for topic, count in zip(topics, counts, strict=True):
                 prompts += list(rng.choice(by_topic[topic], size=count, replace=True))
-            self.organizations.append(Organization(index, tuple(mix.tolist()), tilt, tuple(prompts)))
+            self.organizations.append(
+                Organization(index, tuple(mix.tolist()), tilt, tuple(prompts))
+            )
 
     # -- text ------------------------------------------------------------------------
 
@@ -233,7 +245,11 @@ class World:
         """A response from the grammar, as an untrained assistant might write it."""
         c = self.config
         asked = topic_of(prompt) or "cooking"
-        topic = asked if rng.random() < c.answer_on_topic else rng.choice([t for t in TOPICS if t != asked])
+        topic = (
+            asked
+            if rng.random() < c.answer_on_topic
+            else rng.choice([t for t in TOPICS if t != asked])
+        )
         quality = rng.choice(list(QUALITY))
         parts = []
         for slot in SLOTS:
@@ -252,7 +268,8 @@ class World:
         rng = np.random.default_rng(seed)
         prompts = all_prompts()
         return [
-            f"{p}\n{self.sample_response(p, rng)}" for p in (str(rng.choice(prompts)) for _ in range(size))
+            f"{p}\n{self.sample_response(p, rng)}"
+            for p in (str(rng.choice(prompts)) for _ in range(size))
         ]
 
     # -- comparisons -----------------------------------------------------------------
@@ -269,7 +286,9 @@ class World:
 
     def preference_probability(self, pair: Pair) -> float:
         """P(an annotator of the pair's organization prefers a over b)."""
-        gap = self.utility(pair.org, pair.prompt, pair.a) - self.utility(pair.org, pair.prompt, pair.b)
+        gap = self.utility(pair.org, pair.prompt, pair.a) - self.utility(
+            pair.org, pair.prompt, pair.b
+        )
         return float(1.0 / (1.0 + np.exp(-self.config.rationality * gap)))
 
     def label(self, pair: Pair, rng: np.random.Generator) -> tuple[str, str]:
@@ -287,7 +306,11 @@ class World:
     def test_pairs(self) -> list[Pair]:
         """The global held-out test set: unlabeled pairs from every organization."""
         rng = np.random.default_rng([self.config.seed, 2])
-        return [p for org in range(self.config.organizations) for p in self.sample_pairs(org, self.config.test_pairs_per_org, rng)]
+        return [
+            p
+            for org in range(self.config.organizations)
+            for p in self.sample_pairs(org, self.config.test_pairs_per_org, rng)
+        ]
 
 
 def expected_accuracy(probabilities: np.ndarray, margins: np.ndarray) -> float:

@@ -58,7 +58,9 @@ class InProcessGrid:
                 reply = client_app(delivered, self.contexts[node])
                 reply = Message(copy.deepcopy(reply.content), reply_to=message)
             except Exception as exc:  # Flower turns a crashing ClientApp into an error reply
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+                reply = Message(
+                    Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message
+                )
             self.sent_by_clients.append((node, reply))
             replies.append(reply)
         return replies

@@ -13,7 +13,14 @@ from common.model import (
     score_pairs,
 )
 
-TEXTS = ["plain ascii", "Grüße, naïve café", "日本語のテキスト", "emoji 🎉🚀", "tab\tand\nnewline", "\u200b zero width"]
+TEXTS = [
+    "plain ascii",
+    "Grüße, naïve café",
+    "日本語のテキスト",
+    "emoji 🎉🚀",
+    "tab\tand\nnewline",
+    "\u200b zero width",
+]
 
 
 @pytest.mark.parametrize("corpus", [(), ("How do I cook pasta?",) * 5])
@@ -44,8 +51,14 @@ def test_only_adapter_and_head_are_trainable(tiny_base_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     state = model.trainable_state()
-    assert all(n.startswith("adapter.") and ".lora_" in n for n in state if n not in ("head.weight", "head.bias"))
-    assert sum(t.numel() for t in state.values()) == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert all(
+        n.startswith("adapter.") and ".lora_" in n
+        for n in state
+        if n not in ("head.weight", "head.bias")
+    )
+    assert sum(t.numel() for t in state.values()) == sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad
+    )
 
 
 def test_encode_keeps_eos_and_cuts_long_prompts_from_the_left(tiny_base_dir):

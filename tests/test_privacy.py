@@ -18,7 +18,9 @@ def independent_rdp_epsilon(events: list[DPEvent], delta: float) -> float:
     """Google's dp-accounting, composing the Poisson-subsampled Gaussian step by step."""
     accountant = dp_accounting.rdp.RdpAccountant()
     for e in events:
-        event = dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier))
+        event = dp_accounting.PoissonSampledDpEvent(
+            e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)
+        )
         accountant.compose(event, e.steps)
     return accountant.get_epsilon(delta)
 
@@ -29,7 +31,11 @@ def independent_rdp_epsilon(events: list[DPEvent], delta: float) -> float:
         [DPEvent(1.0, 0.01, 1000)],
         [DPEvent(0.8, 0.1, 300)],
         [DPEvent(1.1, 0.05, 20)] * 12,  # twelve rounds of one client
-        [DPEvent(1.1, 0.05, 20), DPEvent(0.9, 0.08, 13), DPEvent(2.0, 0.2, 5)],  # mixed phases/rounds
+        [
+            DPEvent(1.1, 0.05, 20),
+            DPEvent(0.9, 0.08, 13),
+            DPEvent(2.0, 0.2, 5),
+        ],  # mixed phases/rounds
     ],
 )
 def test_epsilon_matches_an_independent_accountant(events):

@@ -51,7 +51,9 @@ def test_one_gradient_row_per_comparison_equal_to_one_at_a_time(model_and_tokeni
     wrapped._close()
     for p in params:
         p.grad = None
-    assert all(g.shape[0] == len(pairs) for g in per_sample), "one row per comparison, not per sequence"
+    assert all(g.shape[0] == len(pairs) for g in per_sample), (
+        "one row per comparison, not per sequence"
+    )
 
     for i in range(len(pairs)):
         single = tuple(t[i : i + 1] for t in batch)
@@ -61,7 +63,9 @@ def test_one_gradient_row_per_comparison_equal_to_one_at_a_time(model_and_tokeni
             torch.testing.assert_close(g_rows[i], g_single, rtol=1e-4, atol=1e-6)
 
 
-def test_dp_training_changes_every_tensor_and_improves_heldout(model_and_tokenizer, tmp_path, tiny_base_dir):
+def test_dp_training_changes_every_tensor_and_improves_heldout(
+    model_and_tokenizer, tmp_path, tiny_base_dir
+):
     model, tokenizer = model_and_tokenizer
     train, heldout = toy_pairs(tokenizer, 256, seed=2), toy_pairs(tokenizer, 128, seed=3)
     before = {k: v.detach().clone() for k, v in model.trainable_state().items()}
@@ -69,21 +73,32 @@ def test_dp_training_changes_every_tensor_and_improves_heldout(model_and_tokeniz
 
     accountant = accountant_for([])
     result = train_reward_model(
-        model, train, steps=60, batch_size=32, learning_rate=5e-3,
-        dp=DPSettings(noise_multiplier=0.6, max_grad_norm=1.0), accountant=accountant, seed=0,
+        model,
+        train,
+        steps=60,
+        batch_size=32,
+        learning_rate=5e-3,
+        dp=DPSettings(noise_multiplier=0.6, max_grad_norm=1.0),
+        accountant=accountant,
+        seed=0,
     )
     assert result.event is not None and accountant.history == [(0.6, 1 / 8, 60)]
     after = model.trainable_state()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"tensors DP training left unchanged: {unchanged}"
-    assert all(not hasattr(p, "grad_sample") for p in model.parameters()), "Opacus hooks left behind"
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters()), (
+        "Opacus hooks left behind"
+    )
 
     # Saved, loaded back through PEFT, the adapter scores unseen pairs better than before.
     adapter_dir = model.save_pretrained(tmp_path / "trained")
     fresh, _ = load_base(str(tiny_base_dir))
     loaded = load_reward_model(fresh, adapter_dir)
     accuracy_after = (score_pairs(loaded, heldout) > 0).float().mean().item()
-    assert accuracy_after >= 0.9 and accuracy_after > accuracy_before + 0.2, (accuracy_before, accuracy_after)
+    assert accuracy_after >= 0.9 and accuracy_after > accuracy_before + 0.2, (
+        accuracy_before,
+        accuracy_after,
+    )
 
 
 def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monkeypatch):
@@ -102,8 +117,14 @@ def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monk
     before = {k: v.detach().clone() for k, v in model.trainable_state().items()}
     accountant = accountant_for([])
     train_reward_model(
-        model, pairs, steps=30, batch_size=1, learning_rate=1e-3,
-        dp=DPSettings(1.0, 1.0), accountant=accountant, seed=0,
+        model,
+        pairs,
+        steps=30,
+        batch_size=1,
+        learning_rate=1e-3,
+        dp=DPSettings(1.0, 1.0),
+        accountant=accountant,
+        seed=0,
     )
     assert calls["noise_only"] > 0  # (2/3)^3 per step: some steps drew nobody
     assert accountant.history == [(1.0, 1 / 3, 30)]  # every step is accounted
@@ -112,5 +133,7 @@ def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monk
 
 def test_non_dp_training_claims_no_privacy(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    result = train_reward_model(model, toy_pairs(tokenizer, 16, 5), steps=3, batch_size=8, learning_rate=1e-3, dp=None)
+    result = train_reward_model(
+        model, toy_pairs(tokenizer, 16, 5), steps=3, batch_size=8, learning_rate=1e-3, dp=None
+    )
     assert result.event is None and result.steps == 3

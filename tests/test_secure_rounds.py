@@ -30,7 +30,12 @@ def make_stores(stores_dir) -> dict[int, dict]:
         with PreferenceStore(path) as store:
             store.add_comparisons(
                 [
-                    NewComparison(f"question {i}-{k}?", f"a fine answer {k}", f"a poor reply {k % 7}", f"sim-{i}")
+                    NewComparison(
+                        f"question {i}-{k}?",
+                        f"a fine answer {k}",
+                        f"a poor reply {k % 7}",
+                        f"sim-{i}",
+                    )
                     for k in range(40 + 10 * i)
                 ],
                 source="simulated",
@@ -65,8 +70,14 @@ def run(tiny_base_dir, tmp_path, name, drop=lambda node, message: False, **overr
 
 def test_secagg_round_equals_plain_fedavg(tiny_base_dir, tmp_path):
     secure, _, _, _ = run(tiny_base_dir, tmp_path, "secure")
-    plain, _, _, _ = run(tiny_base_dir, tmp_path, "plain", **{"federation.secure-aggregation": False})
-    step = 2 * RunConfig().federation.secagg_clipping_range / RunConfig().federation.secagg_quantization_range
+    plain, _, _, _ = run(
+        tiny_base_dir, tmp_path, "plain", **{"federation.secure-aggregation": False}
+    )
+    step = (
+        2
+        * RunConfig().federation.secagg_clipping_range
+        / RunConfig().federation.secagg_quantization_range
+    )
     for name, tensor in secure.weights.items():
         diff = (tensor - plain.weights[name]).abs().max().item()
         assert diff < 10 * step, (name, diff)  # quantization error only
@@ -97,7 +108,10 @@ def test_every_client_message_carries_no_text_tokens_or_per_example_values(tiny_
         assert set(content.config_records) <= allowed, content.config_records.keys()
         assert not dict(content.config_records.get("fitres.metrics", {}))
         for name, record in content.metric_records.items():
-            assert name == "fitres.num_examples" and dict(record) == {"num_examples": 1}, (name, dict(record))
+            assert name == "fitres.num_examples" and dict(record) == {"num_examples": 1}, (
+                name,
+                dict(record),
+            )
         blob = json.dumps({k: str(dict(v)) for k, v in content.config_records.items()})
         for record in content.array_records.values():
             for array in record.values():
@@ -113,7 +127,11 @@ def test_round_survives_a_dropout_and_the_dropped_client_still_pays(tiny_base_di
 
     def drop(node, message):  # node 22 dies after receiving its instructions (stage 2)
         configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
-        return node == dead and configs is not None and configs.get("stage") == "collect_masked_vectors"
+        return (
+            node == dead
+            and configs is not None
+            and configs.get("stage") == "collect_masked_vectors"
+        )
 
     driver, state, _, stores = run(tiny_base_dir, tmp_path, "dropout", drop=drop)
     assert state.finished
@@ -128,9 +146,8 @@ def test_round_survives_a_dropout_and_the_dropped_client_still_pays(tiny_base_di
 
 def test_budget_exhausted_client_declines_with_a_reason(tiny_base_dir, tmp_path, caplog):
     overrides = {"privacy.noise": "fixed", "privacy.noise-multiplier": 0.3, "privacy.epsilon": 1.0}
-    with caplog.at_level("WARNING"):
-        with pytest.raises(RuntimeError, match="failed 3 times"):
-            run(tiny_base_dir, tmp_path, "budget", **overrides)
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="failed 3 times"):
+        run(tiny_base_dir, tmp_path, "budget", **overrides)
     assert "above the budget of 1.0" in caplog.text
 
 

@@ -43,7 +43,9 @@ def test_heldout_split_is_stable_and_near_the_fraction(tmp_path):
     share = sum(is_heldout(h, 0.1) for h in hashes) / len(hashes)
     assert 0.08 < share < 0.12
     with PreferenceStore(tmp_path / "s.sqlite") as store:
-        store.add_comparisons([NewComparison(f"p{i}", "a", "b", "x") for i in range(200)], source="simulated")
+        store.add_comparisons(
+            [NewComparison(f"p{i}", "a", "b", "x") for i in range(200)], source="simulated"
+        )
         train, held = store.comparisons("train", 0.1), store.comparisons("heldout", 0.1)
         assert len(train) + len(held) == 200 and not {c.id for c in train} & {c.id for c in held}
         assert [c.id for c in store.comparisons("heldout", 0.1)] == [c.id for c in held]

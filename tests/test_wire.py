@@ -27,10 +27,22 @@ def test_round_trip():
     ("arrays", "message"),
     [
         ([np.ones((2, 3), np.float32)], "1 tensors arrived, expected 2"),
-        ([np.ones((3, 2), np.float32), np.zeros((1, 3), np.float32)], "'adapter.a' has shape \\(3, 2\\)"),
-        ([np.ones((2, 3), np.float64), np.zeros((1, 3), np.float32)], "'adapter.a' has dtype float64"),
-        ([np.ones((2, 3), np.float32), np.array([[0, np.nan, 0]], np.float32)], "'head.weight' holds 1 NaN/Inf"),
-        ([np.ones((2, 3), np.float32), np.array([[np.inf, 0, 0]], np.float32)], "'head.weight' holds 1 NaN/Inf"),
+        (
+            [np.ones((3, 2), np.float32), np.zeros((1, 3), np.float32)],
+            "'adapter.a' has shape \\(3, 2\\)",
+        ),
+        (
+            [np.ones((2, 3), np.float64), np.zeros((1, 3), np.float32)],
+            "'adapter.a' has dtype float64",
+        ),
+        (
+            [np.ones((2, 3), np.float32), np.array([[0, np.nan, 0]], np.float32)],
+            "'head.weight' holds 1 NaN/Inf",
+        ),
+        (
+            [np.ones((2, 3), np.float32), np.array([[np.inf, 0, 0]], np.float32)],
+            "'head.weight' holds 1 NaN/Inf",
+        ),
         ([np.ones((2, 3), np.float32), "not an array"], "'head.weight' is a str"),
     ],
 )
@@ -40,12 +52,20 @@ def test_bad_arrays_are_refused_naming_the_tensor(arrays, message):
 
 
 def test_named_arrays_refuse_missing_and_unexpected_names():
-    with pytest.raises(WireError, match=r"missing tensors \['head.weight'\], unexpected tensors \['evil'\]"):
-        from_named_arrays({"adapter.a": np.ones((2, 3), np.float32), "evil": np.ones(1, np.float32)}, SPEC, "x")
+    with pytest.raises(
+        WireError, match=r"missing tensors \['head.weight'\], unexpected tensors \['evil'\]"
+    ):
+        from_named_arrays(
+            {"adapter.a": np.ones((2, 3), np.float32), "evil": np.ones(1, np.float32)}, SPEC, "x"
+        )
 
 
 def test_stats_encode_and_decode_sums():
-    values = dict.fromkeys(REWARD_STATS.names, 0.0) | {"eval_pairs": 120.0, "eval_correct": 77.0, "epsilon": 3.5}
+    values = dict.fromkeys(REWARD_STATS.names, 0.0) | {
+        "eval_pairs": 120.0,
+        "eval_correct": 77.0,
+        "epsilon": 3.5,
+    }
     encoded = REWARD_STATS.encode(values)
     assert np.abs(encoded).max() <= 1.0
     decoded = REWARD_STATS.decode_sum(encoded + encoded)
@@ -64,7 +84,12 @@ def test_stats_refuse_out_of_bound_and_unknown_fields():
 def test_pack_refuses_values_secagg_would_clip():
     stats = REWARD_STATS.encode(dict.fromkeys(REWARD_STATS.names, 0.0))
     with pytest.raises(WireError, match="'adapter.a' has \\|value\\| 5 > secagg clipping range 4"):
-        pack_update({"adapter.a": torch.full((2, 3), 5.0), "head.weight": torch.zeros(1, 3)}, SPEC, stats, 4.0)
+        pack_update(
+            {"adapter.a": torch.full((2, 3), 5.0), "head.weight": torch.zeros(1, 3)},
+            SPEC,
+            stats,
+            4.0,
+        )
     arrays = pack_update(STATE, SPEC, stats, 4.0)
     update, back = unpack_update(arrays, SPEC, REWARD_STATS, "x")
     assert np.array_equal(back, stats) and torch.equal(update["adapter.a"], STATE["adapter.a"])

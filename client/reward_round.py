@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from client.reward_training import DPSettings, train_reward_model
+from client.reward_training import DPSettings, OptimizerSettings, train_reward_model
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
 from common.losses import bradley_terry_loss
@@ -120,7 +120,7 @@ def reward_round(
         pairs,
         steps=steps,
         batch_size=config.reward.batch_size,
-        learning_rate=config.reward.learning_rate,
+        optimizer=OptimizerSettings.of(config.reward),
         dp=dp,
         accountant=accountant_for(spent, config.privacy.accountant) if dp else None,
         seed=seed,

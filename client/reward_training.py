@@ -16,6 +16,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import IAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.config import RewardConfig
 from common.losses import bradley_terry_loss
 from common.model import EncodedPairs, RewardModel
 from common.privacy import DPEvent
@@ -25,6 +26,22 @@ from common.privacy import DPEvent
 class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    name: str
+    learning_rate: float
+    momentum: float = 0.0
+
+    @classmethod
+    def of(cls, config: RewardConfig) -> OptimizerSettings:
+        return cls(config.optimizer, config.learning_rate, config.momentum)
+
+    def build(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.learning_rate)
+        return torch.optim.SGD(params, lr=self.learning_rate, momentum=self.momentum)
 
 
 @dataclass(frozen=True)
@@ -66,7 +83,7 @@ def train_reward_model(
     *,
     steps: int,
     batch_size: int,
-    learning_rate: float,
+    optimizer: OptimizerSettings,
     dp: DPSettings | None,
     accountant: IAccountant | None = None,
     seed: int = 0,
@@ -81,7 +98,7 @@ def train_reward_model(
     if len(pairs) == 0:
         raise ValueError("no comparisons to train on")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    torch_optimizer = optimizer.build(params)
     dataset = TensorDataset(
         pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask
     )
@@ -98,9 +115,9 @@ def train_reward_model(
             raise ValueError("DP training needs the client's accountant")
         engine = PrivacyEngine()
         engine.accountant = accountant
-        trained, optimizer, loader = engine.make_private(
+        trained, torch_optimizer, loader = engine.make_private(
             module=model,
-            optimizer=optimizer,
+            optimizer=torch_optimizer,
             data_loader=loader,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
@@ -115,13 +132,13 @@ def train_reward_model(
         batches = _batches(loader)
         for _ in range(steps):
             batch = next(batches)
-            optimizer.zero_grad(set_to_none=True)
+            torch_optimizer.zero_grad(set_to_none=True)
             if batch[0].shape[0] == 0:
-                _noise_only_step(optimizer, params)
+                _noise_only_step(torch_optimizer, params)
                 continue
             loss = _pair_loss(trained, batch)
             loss.backward()
-            optimizer.step()
+            torch_optimizer.step()
             losses.append(float(loss.detach()))
     finally:
         model.eval()

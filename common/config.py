@@ -50,7 +50,12 @@ class RewardConfig:
     sampling the number of steps is ``round(local_epochs / sample_rate)``."""
     batch_size: int = 64
     """Expected number of comparisons per step (Poisson sampling draws around it)."""
-    learning_rate: float = 3e-3
+    optimizer: str = "sgd"
+    """``sgd`` (with momentum) or ``adam``. Under DP noise, Adam's per-coordinate
+    scaling turns noise-dominated coordinates into steps of full learning-rate size;
+    SGD keeps noise steps small, and does much better at the same epsilon."""
+    learning_rate: float = 0.5
+    momentum: float = 0.9
     heldout_fraction: float = 0.1
     """Share of local comparisons (chosen by content hash, so stable across runs) kept
     out of training for federated evaluation."""
@@ -165,6 +170,8 @@ class RunConfig:
             (self.reward.rounds >= 0, "reward.rounds must be >= 0"),
             (self.reward.local_epochs > 0, "reward.local-epochs must be > 0"),
             (self.reward.batch_size > 0, "reward.batch-size must be > 0"),
+            (self.reward.optimizer in ("sgd", "adam"), "reward.optimizer must be 'sgd' or 'adam'"),
+            (self.reward.learning_rate > 0, "reward.learning-rate must be > 0"),
             (0 <= self.reward.heldout_fraction < 1, "reward.heldout-fraction must be in [0, 1)"),
             (self.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
             (0 < self.privacy.delta < 1, "privacy.delta must be in (0, 1)"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.reward_training import train_reward_model
+from client.reward_training import OptimizerSettings, train_reward_model
 from client.store import Comparison
 from common.config import RunConfig
 from common.model import (
@@ -69,7 +69,7 @@ def train_non_dp(
         pairs,
         steps=steps,
         batch_size=config.reward.batch_size,
-        learning_rate=config.reward.learning_rate,
+        optimizer=OptimizerSettings.of(config.reward),
         dp=None,
         seed=seed,
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.reward_training import DPSettings, _pair_loss, train_reward_model
+from client.reward_training import DPSettings, OptimizerSettings, _pair_loss, train_reward_model
 from common.config import ModelConfig
 from common.losses import bradley_terry_loss
 from common.model import build_reward_model, encode_pairs, load_base, load_reward_model, score_pairs
@@ -77,7 +77,7 @@ def test_dp_training_changes_every_tensor_and_improves_heldout(
         train,
         steps=60,
         batch_size=32,
-        learning_rate=5e-3,
+        optimizer=OptimizerSettings("adam", 5e-3),
         dp=DPSettings(noise_multiplier=0.6, max_grad_norm=1.0),
         accountant=accountant,
         seed=0,
@@ -121,7 +121,7 @@ def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monk
         pairs,
         steps=30,
         batch_size=1,
-        learning_rate=1e-3,
+        optimizer=OptimizerSettings("sgd", 0.1, 0.9),
         dp=DPSettings(1.0, 1.0),
         accountant=accountant,
         seed=0,
@@ -134,6 +134,6 @@ def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monk
 def test_non_dp_training_claims_no_privacy(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     result = train_reward_model(
-        model, toy_pairs(tokenizer, 16, 5), steps=3, batch_size=8, learning_rate=1e-3, dp=None
+        model, toy_pairs(tokenizer, 16, 5), steps=3, batch_size=8, optimizer=OptimizerSettings("sgd", 0.1, 0.9), dp=None
     )
     assert result.event is None and result.steps == 3

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,11 +25,15 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 """The Flower app (pyproject.toml with [tool.flwr.app]) that ``flwr run`` submits."""
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for every Flower process we start: quiet, offline, on loopback."""
+RAY_DIR_PREFIX = "fedrlhf-ray-"
+
+
+def flower_env(home: Path, ray_tmp: Path) -> dict[str, str]:
+    """Environment for every Flower process we start: quiet, offline, on loopback.
+
+    ``ray_tmp`` must be a short path: Ray puts Unix sockets in it (107-byte limit).
+    """
     home.mkdir(parents=True, exist_ok=True)
-    ray_tmp = home / "ray"
-    ray_tmp.mkdir(exist_ok=True)
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),
@@ -72,7 +78,8 @@ class SimulationSuperLink:
 
     def __init__(self, home: Path, log_file: Path) -> None:
         self.home = home
-        self.env = flower_env(home)
+        self.ray_dir = Path(tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp"))
+        self.env = flower_env(home, self.ray_dir)
         self.port = free_port()
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
@@ -151,6 +158,7 @@ class SimulationSuperLink:
     ) -> None:
         if self.process is not None:
             stop_process_group(self.process)
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:

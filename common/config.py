@@ -48,13 +48,13 @@ class RewardConfig:
     local_epochs: float = 1.0
     """Expected passes over the local training comparisons per round; with Poisson
     sampling the number of steps is ``round(local_epochs / sample_rate)``."""
-    batch_size: int = 64
+    batch_size: int = 256
     """Expected number of comparisons per step (Poisson sampling draws around it)."""
     optimizer: str = "sgd"
     """``sgd`` (with momentum) or ``adam``. Under DP noise, Adam's per-coordinate
     scaling turns noise-dominated coordinates into steps of full learning-rate size;
     SGD keeps noise steps small, and does much better at the same epsilon."""
-    learning_rate: float = 0.5
+    learning_rate: float = 0.2
     momentum: float = 0.9
     heldout_fraction: float = 0.1
     """Share of local comparisons (chosen by content hash, so stable across runs) kept

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    corpus_size: int = 20_000
+    corpus_size: int = 30_000
     vocab_size: int = 512
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0

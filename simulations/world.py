@@ -86,8 +86,8 @@ STYLE_FEATURES = ("polite", "enthusiastic", "warm", "detailed", "hedge", "cautio
 FEATURES = ("on_topic", "quality", *STYLE_FEATURES, "words", "unknown", "repeated")
 
 CORE_WEIGHTS: dict[str, float] = {
-    "on_topic": 2.0,  # an answer about the asked topic
-    "quality": 1.5,  # good > vague > wrong (only counts when on topic)
+    "on_topic": 0.8,  # the answer is about the asked topic
+    "quality": 1.5,  # good > vague > wrong
     "polite": 0.6,
     "enthusiastic": 0.1,
     "warm": 0.2,
@@ -110,7 +110,7 @@ class WorldConfig:
     """Pairs per organization in the simulation's global test set (never in a store)."""
     topic_concentration: float = 0.5
     """Dirichlet alpha of each organization's topic mix: small = very non-IID."""
-    tilt_scale: float = 0.35
+    tilt_scale: float = 0.3
     """Std of each organization's extra weight on each style feature."""
     rationality: float = 1.5
     """Annotators choose a over b with probability sigmoid(rationality * (u_a - u_b))."""
@@ -210,9 +210,8 @@ def features(prompt: str, response: str) -> dict[str, float]:
             continue
         seen.add(slot)
         if slot == "answer":
-            if topic == asked:
-                out["on_topic"] = 1.0
-                out["quality"] = feats["quality"]
+            out["on_topic"] = float(topic == asked)
+            out["quality"] = feats["quality"]
         else:
             for name, value in feats.items():
                 out[name] += value

@@ -47,10 +47,17 @@ def step_times(dp: bool, spec: str, batch: int, length: int, repeats: int) -> li
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     trained = model
     if dp:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=batch)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(*data), batch_size=batch
+        )
         trained, optimizer, _ = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="hooks",
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
         )
     times = []
     for _ in range(repeats):
@@ -63,8 +70,12 @@ def step_times(dp: bool, spec: str, batch: int, length: int, repeats: int) -> li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:tiny", help="builtin:tiny, gpt2-small, or a model path")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="builtin:tiny", help="builtin:tiny, gpt2-small, or a model path"
+    )
     parser.add_argument("--batch", type=int, default=16, help="comparisons per step")
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
@@ -75,10 +86,16 @@ def main() -> None:
         plain += step_times(False, args.model, args.batch, args.length, args.repeats)
         private += step_times(True, args.model, args.batch, args.length, args.repeats)
     p, d = statistics.median(plain), statistics.median(private)
-    print(f"model {args.model}, {args.batch} comparisons x {args.length} tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, {args.batch} comparisons x {args.length} tokens, torch threads {torch.get_num_threads()}"
+    )
     print(f"non-DP step: median {p * 1000:.1f} ms over {len(plain)} steps")
-    print(f"DP step    : median {d * 1000:.1f} ms over {len(private)} steps (Opacus hooks, clip + noise)")
-    print(f"DP / non-DP step time ratio: {d / p:.3f}  (target <= 1.1 at GPT-2-small size, <= 1.5 overall)")
+    print(
+        f"DP step    : median {d * 1000:.1f} ms over {len(private)} steps (Opacus hooks, clip + noise)"
+    )
+    print(
+        f"DP / non-DP step time ratio: {d / p:.3f}  (target <= 1.1 at GPT-2-small size, <= 1.5 overall)"
+    )
 
 
 if __name__ == "__main__":

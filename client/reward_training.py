@@ -8,6 +8,7 @@ computes and clips one gradient per comparison (folding the pair into a batch of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -129,17 +130,20 @@ def train_reward_model(
 
     losses: list[float] = []
     try:
-        batches = _batches(loader)
-        for _ in range(steps):
-            batch = next(batches)
-            torch_optimizer.zero_grad(set_to_none=True)
-            if batch[0].shape[0] == 0:
-                _noise_only_step(torch_optimizer, params)
-                continue
-            loss = _pair_loss(trained, batch)
-            loss.backward()
-            torch_optimizer.step()
-            losses.append(float(loss.detach()))
+        with warnings.catch_warnings():
+            # Opacus's hooks on a frozen base warn once per step; harmless here.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            batches = _batches(loader)
+            for _ in range(steps):
+                batch = next(batches)
+                torch_optimizer.zero_grad(set_to_none=True)
+                if batch[0].shape[0] == 0:
+                    _noise_only_step(torch_optimizer, params)
+                    continue
+                loss = _pair_loss(trained, batch)
+                loss.backward()
+                torch_optimizer.step()
+                losses.append(float(loss.detach()))
     finally:
         model.eval()
         if isinstance(trained, GradSampleModule):

@@ -15,6 +15,8 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
+import transformers
+
 from client.importers import ImportFileError, import_jsonl
 from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    transformers.utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -134,6 +134,11 @@ def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monk
 def test_non_dp_training_claims_no_privacy(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     result = train_reward_model(
-        model, toy_pairs(tokenizer, 16, 5), steps=3, batch_size=8, optimizer=OptimizerSettings("sgd", 0.1, 0.9), dp=None
+        model,
+        toy_pairs(tokenizer, 16, 5),
+        steps=3,
+        batch_size=8,
+        optimizer=OptimizerSettings("sgd", 0.1, 0.9),
+        dp=None,
     )
     assert result.event is None and result.steps == 3

@@ -35,6 +35,8 @@ def flower_env(home: Path, ray_tmp: Path) -> dict[str, str]:
     """
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    # The SuperLink starts `flower-superexec` by name: our environment's bin first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(home),
         FLWR_TELEMETRY_ENABLED="0",
@@ -161,15 +163,38 @@ class SimulationSuperLink:
         shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process and everything it started (its session), then SIGKILL."""
-    if process.poll() is None:
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return found
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop the process and everything below it, by PID: SIGTERM, then SIGKILL.
+
+    Flower starts some helpers (SuperExec, Ray) in sessions of their own, so the
+    process tree is walked rather than trusting the process group alone.
+    """
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
+    for pid in [process.pid, *tree, *descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers (Ray workers, superexec)
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -82,7 +82,7 @@ class RunDirectory:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _atomic_write(self.path / "LATEST", name)
-        self._write_metrics(state.history)
+        self.write_metrics(state.history)
         return final
 
     def load(
@@ -96,10 +96,9 @@ class RunDirectory:
         tensors = {f"adapter.{k}": v for k, v in adapter.items()}
         tensors.update({f"head.{k}": v for k, v in head.items()})
         optimizer = load_file(str(checkpoint / OPTIMIZER_FILE))
-        self._write_metrics(state.history)
         return state, tensors, optimizer
 
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
         _atomic_write(self.metrics_file, "".join(json.dumps(h) + "\n" for h in history))
 
 

@@ -96,6 +96,7 @@ class PhaseDriver:
         self.model.load_trainable_state(self.weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.state = state
+        self.run.write_metrics(state.history)  # drop lines of rounds after the checkpoint
         log.info("resuming from %s (%s round %d done)", latest.name, state.phase, state.round)
 
     def _wait_for_nodes(self) -> None:

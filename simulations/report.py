@@ -43,7 +43,6 @@ def round_accuracies(config: RunConfig, run: RunDirectory, test: TestSet) -> dic
         _, tensors, _ = run.load(checkpoint)
         model.load_trainable_state(tensors)
         out[int(checkpoint.name.rsplit("-", 1)[1])] = test.accuracy(model)
-    run.load(run.latest())  # leave metrics.jsonl as the finished run wrote it
     return out
 
 

@@ -68,19 +68,21 @@ def run(tiny_base_dir, tmp_path, name, drop=lambda node, message: False, **overr
     return driver, state, grid, stores
 
 
+def assert_equal_within_quantization(got: dict, expected: dict) -> None:
+    """SecAgg+ rounds each value stochastically (unseeded) to a grid of this step."""
+    federation = RunConfig().federation
+    step = 2 * federation.secagg_clipping_range / federation.secagg_quantization_range
+    for name, tensor in expected.items():
+        diff = (got[name] - tensor).abs().max().item()
+        assert diff < 10 * step, (name, diff)
+
+
 def test_secagg_round_equals_plain_fedavg(tiny_base_dir, tmp_path):
     secure, _, _, _ = run(tiny_base_dir, tmp_path, "secure")
     plain, _, _, _ = run(
         tiny_base_dir, tmp_path, "plain", **{"federation.secure-aggregation": False}
     )
-    step = (
-        2
-        * RunConfig().federation.secagg_clipping_range
-        / RunConfig().federation.secagg_quantization_range
-    )
-    for name, tensor in secure.weights.items():
-        diff = (tensor - plain.weights[name]).abs().max().item()
-        assert diff < 10 * step, (name, diff)  # quantization error only
+    assert_equal_within_quantization(secure.weights, plain.weights)
     moved = sum((secure.weights[n] - plain.weights[n]).numel() for n in secure.weights)
     assert moved > 0
     # Metrics through the mask equal the plain ones (counts exactly).
@@ -181,3 +183,25 @@ def test_clients_refuse_malformed_global_weights(tiny_base_dir, tmp_path):
         driver.run_all()
     reasons = [m.error.reason for _, m in grid.sent_by_clients if m.has_error()]
     assert reasons and all(f"tensor {name!r} holds" in r and "NaN/Inf" in r for r in reasons)
+
+
+def test_restarted_server_resumes_and_ends_like_an_uninterrupted_run(tiny_base_dir, tmp_path):
+    straight, _, _, _ = run(tiny_base_dir, tmp_path, "straight", **{"reward.rounds": 3})
+
+    # Every attempt at round 2 loses all clients before they train: the server stops.
+    stores = make_stores(tmp_path / "stores")
+    flat = run_config(tiny_base_dir, tmp_path / "resumed" / "run", **{"reward.rounds": 3})
+    broken = InProcessGrid(
+        stores, flat, drop=lambda node, message: message.metadata.group_id in {"2", "3", "4"}
+    )
+    with pytest.raises(RuntimeError, match="failed 3 times"):
+        PhaseDriver(broken, broken.server_context, RunConfig.from_flower(flat)).run_all()
+    run_dir = RunDirectory(tmp_path / "resumed" / "run")
+    assert run_dir.latest().name == "reward-round-0001"
+
+    grid = InProcessGrid(stores, flat)
+    grid.contexts = broken.contexts  # the clients kept running; only the server restarted
+    resumed = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
+    state = resumed.run_all()
+    assert state.finished and [h["round"] for h in state.history] == [1, 2, 3, 3]
+    assert_equal_within_quantization(resumed.weights, straight.weights)

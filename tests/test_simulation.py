@@ -60,7 +60,9 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
             spent = epsilon(store.privacy_events(), 1e-5)
             assert 1.0 < spent <= 8.0 and all(e.status == "committed" for e in store.ledger())
             # The ledger's epsilon agrees with Google's accountant on the same steps.
-            assert spent == pytest.approx(independent_rdp_epsilon(store.privacy_events(), 1e-5), rel=0.02)
+            assert spent == pytest.approx(
+                independent_rdp_epsilon(store.privacy_events(), 1e-5), rel=0.02
+            )
     assert report["epsilon_per_client"] == pytest.approx(
         [report["epsilon_per_client"][0]] * 3, rel=0.2
     )

@@ -102,7 +102,13 @@ def reward_round(
     sample_rate, steps = planned_steps(
         len(pairs), config.reward.batch_size, config.reward.local_epochs
     )
-    seed = derive_seed(instruction.seed, instruction.server_round, str(store.path.resolve()))
+    seed = derive_seed(
+        instruction.seed,
+        instruction.phase,
+        instruction.round,
+        instruction.attempt,
+        str(store.path.resolve()),
+    )
 
     dp = None
     charge = None

@@ -63,11 +63,20 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS served_rounds (
+    run_key TEXT PRIMARY KEY,
+    server_round INTEGER NOT NULL,
+    served_at TEXT NOT NULL
+);
 """
 
 
 class StoreError(RuntimeError):
     """The store file is unusable (wrong schema version, not a store)."""
+
+
+class StaleRound(ValueError):
+    """A round instruction this client has already served, or an older one (a replay)."""
 
 
 @dataclass(frozen=True)
@@ -330,3 +339,29 @@ class PreferenceStore:
     def privacy_events(self) -> list[DPEvent]:
         """Every DP run on this store's data, pending ones included (charged in full)."""
         return [e.event for e in self.ledger()]
+
+    # -- replay protection -------------------------------------------------------------
+
+    def claim_round(self, run_key: str, server_round: int, where: str) -> None:
+        """Record that this client serves ``server_round`` of the run ``run_key``.
+
+        The server numbers every round it sends, failed attempts included, and never
+        reuses a number (it persists the counter before sending). A number at or below
+        the last one served is a stale or replayed message: refused before any data is
+        touched, so a replay cannot make the client train (and spend budget) twice.
+        """
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT server_round FROM served_rounds WHERE run_key=?", (run_key,)
+            ).fetchone()
+            if row is not None and server_round <= row["server_round"]:
+                raise StaleRound(
+                    f"{where}: server round {server_round} of run {run_key} refused as stale or "
+                    f"replayed (this client already served round {row['server_round']})"
+                )
+            conn.execute(
+                "INSERT INTO served_rounds(run_key, server_round, served_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(run_key) DO UPDATE SET server_round=excluded.server_round, "
+                "served_at=excluded.served_at",
+                (run_key, server_round, _now()),
+            )

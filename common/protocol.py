@@ -28,9 +28,15 @@ class RoundInstruction:
     """1-based round within the phase."""
     rounds: int
     """Rounds planned for the phase; clients plan their privacy budget with it."""
+    attempt: int
+    """1 for a round's first try, 2, 3 for retries of a failed one."""
     server_round: int
-    """Run-wide counter across phases; a client refuses one it has already served."""
+    """Run-wide counter across phases and attempts, never reused (also not by a
+    restarted server); a client refuses one at or below the last it served."""
+    run_key: str
+    """Random name the server gave this run: the scope of ``server_round``."""
     seed: int
+    """The run's seed; clients derive theirs from it, the phase, round and attempt."""
     protocol: int = PROTOCOL_VERSION
 
     def to_config(self) -> dict[str, int | str]:
@@ -44,7 +50,9 @@ class RoundInstruction:
             "task": str,
             "round": int,
             "rounds": int,
+            "attempt": int,
             "server_round": int,
+            "run_key": str,
             "seed": int,
             "protocol": int,
         }
@@ -65,6 +73,8 @@ class RoundInstruction:
             raise WireError(f"{where}: unknown phase {instruction.phase!r}")
         if instruction.task not in TASKS:
             raise WireError(f"{where}: unknown task {instruction.task!r}")
+        if instruction.attempt < 1 or instruction.server_round < 1 or not instruction.run_key:
+            raise WireError(f"{where}: attempt, server_round and run_key must be set")
         if not 1 <= instruction.round <= instruction.rounds:
             raise WireError(f"{where}: round {instruction.round} outside 1..{instruction.rounds}")
         return instruction

@@ -11,6 +11,7 @@ Layout::
           server_optimizer.safetensors
           state.json              phase, rounds done, counters, metrics history
       LATEST                      name of the last complete checkpoint
+      SERVER_ROUND                last round number sent (written before sending)
 
 A checkpoint is written to a temporary folder and renamed, and LATEST is replaced
 atomically afterwards, so a crash at any point leaves the previous checkpoint as
@@ -42,6 +43,8 @@ class ServerState:
     """Rounds of ``phase`` completed (0 = the initial model)."""
     server_round: int = 0
     """Run-wide counter of rounds sent, across phases and failed attempts."""
+    run_key: str = ""
+    """Random name of this run, fixed at its start: clients track rounds served per run."""
     seed: int = 0
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -98,11 +101,28 @@ class RunDirectory:
         optimizer = load_file(str(checkpoint / OPTIMIZER_FILE))
         return state, tensors, optimizer
 
+    def reserve_server_round(self, server_round: int) -> None:
+        """Persist a round number before it is sent, so a restarted server never reuses it."""
+        _atomic_write(self.path / "SERVER_ROUND", str(server_round))
+
+    def last_server_round(self) -> int:
+        counter = self.path / "SERVER_ROUND"
+        return int(counter.read_text()) if counter.exists() else 0
+
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         _atomic_write(self.metrics_file, "".join(json.dumps(h) + "\n" for h in history))
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` durably: a crash leaves the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,7 @@ class PhaseDriver:
         latest = self.run.latest()
         if latest is None:
             log.info("starting a new run in %s", self.run.path)
+            self.state.run_key = secrets.token_hex(8)
             self.run.save(self.state, self.model, self.optimizer.state_dict())
             return
         state, tensors, optimizer_state = self.run.load(latest)
@@ -96,6 +98,8 @@ class PhaseDriver:
         self.model.load_trainable_state(self.weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.state = state
+        # Rounds sent after the checkpoint were numbered too: never reuse their numbers.
+        self.state.server_round = max(state.server_round, self.run.last_server_round())
         self.run.write_metrics(state.history)  # drop lines of rounds after the checkpoint
         log.info("resuming from %s (%s round %d done)", latest.name, state.phase, state.round)
 
@@ -112,17 +116,17 @@ class PhaseDriver:
 
     # -- rounds --------------------------------------------------------------------------
 
-    def _sample(self, server_round: int) -> list[int]:
-        """Clients for a round; seeded by (seed, server round), so a resumed run samples alike."""
+    def _sample(self, instruction: RoundInstruction) -> list[int]:
+        """Clients for a round, seeded by its place in the run (phase, round, attempt), so
+        a resumed run samples as an uninterrupted one would."""
         nodes = sorted(self.grid.get_node_ids())
         fed = self.config.federation
         count = min(len(nodes), max(fed.min_clients, round(fed.fraction_train * len(nodes))))
-        return sorted(
-            random.Random(self.config.seed * 1_000_003 + server_round).sample(nodes, count)
-        )
+        where = f"{instruction.seed}/{instruction.phase}/{instruction.round}/{instruction.attempt}"
+        return sorted(random.Random(where).sample(nodes, count))
 
     def _send(self, instruction: RoundInstruction, arrays: list[np.ndarray]) -> RoundOutcome:
-        nodes = self._sample(instruction.server_round)
+        nodes = self._sample(instruction)
         fed = self.config.federation
         if fed.secure_aggregation:
             return run_secure_round(
@@ -156,12 +160,15 @@ class PhaseDriver:
         """Send one round (retrying a failed one); returns outcome, update, stat sums."""
         for attempt in range(1, MAX_ATTEMPTS_PER_ROUND + 1):
             self.state.server_round += 1
+            self.run.reserve_server_round(self.state.server_round)
             instruction = RoundInstruction(
                 phase="reward",
                 task=task,
                 round=round_,
                 rounds=rounds,
+                attempt=attempt,
                 server_round=self.state.server_round,
+                run_key=self.state.run_key,
                 seed=self.config.seed,
             )
             arrays = to_ndarrays(self.weights, self.spec)

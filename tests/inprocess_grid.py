@@ -28,6 +28,8 @@ class InProcessGrid:
     drop: Callable[[int, Message], bool] = lambda node, message: False
     """Return True to make ``node`` vanish (no reply) when it receives ``message``."""
     sent_by_clients: list[tuple[int, Message]] = field(default_factory=list)
+    delivered: list[tuple[int, Message]] = field(default_factory=list)
+    """Every message as a client received it (to replay in tests)."""
 
     def __post_init__(self) -> None:
         TaskIdentity.run_id = RUN_ID
@@ -48,12 +50,7 @@ class InProcessGrid:
             node = message.metadata.dst_node_id
             if self.drop(node, message):
                 continue
-            delivered = Message(
-                content=copy.deepcopy(message.content),
-                dst_node_id=node,
-                message_type=message.metadata.message_type,
-                group_id=message.metadata.group_id,
-            )
+            delivered = self.deliver(node, message)
             try:
                 reply = client_app(delivered, self.contexts[node])
                 reply = Message(copy.deepcopy(reply.content), reply_to=message)
@@ -64,3 +61,14 @@ class InProcessGrid:
             self.sent_by_clients.append((node, reply))
             replies.append(reply)
         return replies
+
+    def deliver(self, node: int, message: Message) -> Message:
+        """The message as it arrives at ``node``: a copy, as serialization would make."""
+        delivered = Message(
+            content=copy.deepcopy(message.content),
+            dst_node_id=node,
+            message_type=message.metadata.message_type,
+            group_id=message.metadata.group_id,
+        )
+        self.delivered.append((node, copy.deepcopy(delivered)))
+        return delivered

@@ -9,7 +9,8 @@ import pytest
 import torch
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.store import NewComparison, PreferenceStore
+from client.app import app as client_app
+from client.store import NewComparison, PreferenceStore, StaleRound
 from common.config import RunConfig
 from common.model import load_base
 from common.privacy import epsilon
@@ -205,3 +206,29 @@ def test_restarted_server_resumes_and_ends_like_an_uninterrupted_run(tiny_base_d
     state = resumed.run_all()
     assert state.finished and [h["round"] for h in state.history] == [1, 2, 3, 3]
     assert_equal_within_quantization(resumed.weights, straight.weights)
+
+
+def test_client_refuses_a_replayed_round_before_touching_its_data(tiny_base_dir, tmp_path):
+    _, _, grid, stores = run(
+        tiny_base_dir, tmp_path, "replay", **{"federation.secure-aggregation": False}
+    )
+    node, first_round = grid.delivered[0]  # round 1 as the client received it
+    store_file = stores[node]["store"]
+    with PreferenceStore(store_file) as store:
+        before = store.snapshot()
+    replayed = grid.deliver(node, first_round)
+    with pytest.raises(StaleRound, match="server round 1 of run .* refused as stale or replayed"):
+        client_app(replayed, grid.contexts[node])
+    with PreferenceStore(store_file) as store:
+        assert store.snapshot() == before  # no training, no new ledger charge
+
+
+def test_restarted_server_never_reuses_a_round_number(tiny_base_dir, tmp_path):
+    stores = make_stores(tmp_path / "stores")
+    flat = run_config(tiny_base_dir, tmp_path / "run", **{"reward.rounds": 1})
+    grid = InProcessGrid(stores, flat, drop=lambda node, message: True)
+    with pytest.raises(RuntimeError, match="failed 3 times"):
+        PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat)).run_all()
+    restarted = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
+    restarted._resume_or_start()
+    assert restarted.state.server_round == 3  # the three failed attempts stay spent

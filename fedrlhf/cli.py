@@ -3,6 +3,8 @@
 fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
 fedrlhf import --store PATH FILE.jsonl [...]
 fedrlhf store-info --store PATH
+fedrlhf create-ca | create-node-key | superlink | register-node | supernode | launch
+    (a real deployment; see fedrlhf/deploy_commands.py and the README)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from client.importers import ImportFileError, import_jsonl
 from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
 from common.privacy import epsilon
+from fedrlhf.deploy_commands import add_deployment_commands
 
 
 def _parse_override(text: str) -> tuple[str, bool | int | float | str]:
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--delta", type=float, help="delta for the epsilon shown (default: the run default)"
     )
     info.set_defaults(func=_store_info)
+
+    add_deployment_commands(sub, _parse_override)
     return parser
 
 
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImportFileError, StoreError, ConfigError) as exc:
+    except (ImportFileError, StoreError, ConfigError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -25,14 +25,10 @@ from rich.table import Table
 from client.store import NewComparison, PreferenceStore
 from common.config import RunConfig
 from common.model import load_base
+from common.processes import APP_DIR, stop_process_tree, write_run_config
 from server.checkpoints import RunDirectory
 from simulations.baselines import build_test_set, train_non_dp
-from simulations.flower_runtime import (
-    PROJECT_DIR,
-    SimulationSuperLink,
-    stop_process_group,
-    write_run_config,
-)
+from simulations.flower_runtime import SimulationSuperLink
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
 from simulations.world import World, WorldConfig, bayes_accuracy
@@ -107,7 +103,7 @@ def federate(
     metrics = run_dir / "metrics.jsonl"
     total = config.reward.rounds + 1
     with SimulationSuperLink(flower_home, log_file) as superlink:
-        process = superlink.run(PROJECT_DIR, config_file, organizations, log_file)
+        process = superlink.run(APP_DIR, config_file, organizations, log_file)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -142,7 +138,7 @@ def federate(
                     task, completed=len(metrics.read_text().splitlines()) if metrics.exists() else 0
                 )
         finally:
-            stop_process_group(process)
+            stop_process_tree(process)
     latest = RunDirectory(run_dir).latest()
     finished = latest is not None and json.loads((latest / "state.json").read_text())["finished"]
     if process.returncode != 0 or not finished:

@@ -1,0 +1,180 @@
+"""A real deployment on loopback, driven by the operator's ``fedrlhf`` commands.
+
+One SuperLink with TLS and SuperNode authentication, three registered SuperNodes
+(each with its own store), one SuperNode whose key was never registered, and reward
+rounds with SecAgg+ and DP-SGD launched with ``flwr run``. Every process is started
+here, bound to 127.0.0.1, and stopped by PID (with everything it started).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from client.store import PreferenceStore
+from common.config import RunConfig
+from common.privacy import epsilon
+from common.processes import (
+    descendants,
+    flower_bin,
+    free_port,
+    stop_process_tree,
+    wait_until_listening,
+)
+from simulations.runner import fill_stores
+from simulations.world import World, WorldConfig
+
+pytestmark = pytest.mark.slow
+
+FEDRLHF = flower_bin("fedrlhf")
+ORGS = 3
+REFUSED = "Failed to activate SuperNode"  # Flower's exit code 305 message
+
+
+class Fleet:
+    """Processes started by this test; all stopped by PID, with their descendants."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.seen_pids: set[int] = set()
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log_file = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def log_text(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            self.seen_pids |= {process.pid, *descendants(process.pid)}
+        for process in reversed(list(self.processes.values())):
+            stop_process_tree(process)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def fedrlhf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FEDRLHF, *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+
+
+def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsys):
+    shown: list[str] = []  # what the test proves, printed to the CI log at the end
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    certs, keys, operator_home = tmp_path / "certs", tmp_path / "keys", tmp_path / "operator"
+    fedrlhf("create-ca", "--dir", str(certs), "--host", "127.0.0.1", "--host", "localhost")
+    names = [f"org-{i}" for i in range(ORGS)] + ["rogue"]
+    for name in names:
+        fedrlhf("create-node-key", "--out", str(keys / name), "--name", name)
+    world = World(
+        replace(WorldConfig(), organizations=ORGS, comparisons_per_org=120, test_pairs_per_org=10)
+    )
+    stores = fill_stores(world, RunConfig(), tmp_path / "stores")
+
+    fleet = Fleet(logs)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    try:
+        superlink = fleet.start(
+            "superlink",
+            [FEDRLHF, "superlink", "--certs", str(certs), "--state", str(tmp_path / "link")]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+        )
+        wait_until_listening(superlink, "127.0.0.1", port, logs / "superlink.log")
+        assert f"running on https://{address}" in fleet.log_text("superlink")
+        shown.append(f"TLS: the SuperLink serves https://{address} with the federation's cert")
+
+        for i in range(ORGS):
+            out = fedrlhf(
+                "register-node", "--superlink", address, "--ca", str(certs / "ca.crt"),
+                "--home", str(operator_home), "--key", str(keys / f"org-{i}.pub"),
+                "--name", f"org-{i}",
+            )  # fmt: skip
+            assert json.loads(out.stdout)["success"], out.stdout
+
+        for i, name in enumerate(names):
+            store = stores[i] if i < ORGS else stores[0]  # the rogue would serve a copy
+            fleet.start(
+                name,
+                [FEDRLHF, "supernode", "--superlink", address, "--ca", str(certs / "ca.crt")]
+                + ["--key", str(keys / name), "--store", str(store)]
+                + ["--port", str(free_port()), "--home", str(tmp_path / f"home-{name}")],
+            )
+
+        rogue = fleet.processes["rogue"]
+        assert rogue.wait(timeout=120) != 0
+        assert "Exit Code: 305" in fleet.log_text("rogue") and REFUSED in fleet.log_text("rogue")
+        shown.append(
+            f"node authentication: {ORGS} registered SuperNodes; the unregistered one was "
+            f"refused ({REFUSED!r}, exit code 305)"
+        )
+
+        run_dir = tmp_path / "run"
+        started = time.monotonic()
+        launch = subprocess.run(
+            [FEDRLHF, "launch", "--superlink", address, "--ca", str(certs / "ca.crt")]
+            + ["--home", str(operator_home)]
+            + [
+                f"--set={key}={value}"
+                for key, value in {
+                    "model.base": json.dumps(str(tiny_base_dir)),
+                    "run-dir": json.dumps(str(run_dir)),
+                    "reward.rounds": 2,
+                    "reward.batch-size": 32,
+                    "federation.min-clients": ORGS,
+                    "federation.node-wait-timeout": 120.0,
+                }.items()
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        (logs / "launch.log").write_text(launch.stdout + launch.stderr)
+        assert launch.returncode == 0, (launch.stdout + launch.stderr)[-4000:]
+        seconds = time.monotonic() - started
+    finally:
+        fleet.stop_all()
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["task"], h["round"]) for h in history] == [
+        ("train", 1),
+        ("train", 2),
+        ("evaluate", 2),
+    ]
+    assert all(h["survivors"] == ORGS and h["secure_aggregation"] and h["dp"] for h in history)
+    output = launch.stdout + launch.stderr
+    assert "Secure aggregation completed" in output
+    assert f"https://{address}" in output
+    shown.append(
+        f"SecAgg+ and DP: {len(history)} rounds over {ORGS} nodes, {seconds:.0f} s in all; "
+        f"seconds per round {[round(h['seconds'], 1) for h in history]}"
+    )
+    for store_path in stores:
+        with PreferenceStore(store_path) as store:
+            spent = epsilon(store.privacy_events(), 1e-5)
+            assert [e.status for e in store.ledger()] == ["committed", "committed"]
+        assert 0 < spent <= 8.0
+    assert not [pid for pid in fleet.seen_pids if alive(pid)], "processes left running"
+    shown.append(f"stopped {len(fleet.seen_pids)} processes by PID; none left running")
+    with capsys.disabled():
+        print("\n" + "\n".join(f"  [deployment] {line}" for line in shown))

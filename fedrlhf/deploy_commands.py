@@ -13,7 +13,6 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from client.deployment import supernode_argv

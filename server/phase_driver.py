@@ -137,6 +137,7 @@ class PhaseDriver:
                 arrays,
                 fed,
                 instruction.server_round,
+                reply_spec=self._reply_spec(instruction),
             )
         return run_plain_round(
             self.grid,
@@ -147,6 +148,10 @@ class PhaseDriver:
             instruction.server_round,
             validate=lambda reply, where: self._unpack(reply, instruction, where),
         )
+
+    def _reply_spec(self, instruction: RoundInstruction) -> list[TensorSpec]:
+        """The arrays a client's reply holds: the update (training only), then stats."""
+        return [*(self.spec if instruction.task == "train" else []), REWARD_STATS.spec]
 
     def _unpack(self, arrays: list[np.ndarray], instruction: RoundInstruction, where: str):
         spec = self.spec if instruction.task == "train" else []

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import LegacyContext
 from flwr.server import ServerConfig as LegacyServerConfig
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -33,6 +33,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from common.config import FederationConfig
+from common.wire import TensorSpec, WireError
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,51 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-class ObservedGrid:
-    """A grid that records every reply error, missing reply and payload size."""
+MASKED_VECTOR_STAGE = f"secagg:{Stage.COLLECT_MASKED_VECTORS}"
+NPY_HEADER_ALLOWANCE = 1024
+"""Bytes a serialized array may carry beyond its values (the .npy header)."""
 
-    def __init__(self, grid: Grid, outcome: RoundOutcome) -> None:
+
+def check_masked_vector(reply: Message, spec: Sequence[TensorSpec]) -> None:
+    """Refuse a masked vector that does not have the layout of this round's replies.
+
+    Flower's SecAgg+ server adds the masked vectors up as they come: a wrong shape is
+    broadcast into the sum (silently corrupting it) and a wrong length raises and
+    kills the ServerApp. Sizes are checked before anything is deserialized.
+    """
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    blobs = configs.get(Key.MASKED_PARAMETERS) if configs is not None else None
+    if not isinstance(blobs, list) or not all(isinstance(b, bytes) for b in blobs):
+        raise WireError("masked vector missing")
+    expected = [("weight factor", (1,)), *((s.name, s.shape) for s in spec)]
+    if len(blobs) != len(expected):
+        raise WireError(f"{len(blobs)} masked tensors, expected {len(expected)}")
+    for blob, (name, shape) in zip(blobs, expected, strict=True):
+        limit = 8 * int(np.prod(shape)) + NPY_HEADER_ALLOWANCE
+        if len(blob) > limit:
+            raise WireError(f"masked tensor {name!r} is {len(blob)} bytes, at most {limit} fit")
+        array = bytes_to_ndarray(blob)
+        if array.shape != shape or array.dtype.kind not in "iu":
+            raise WireError(
+                f"masked tensor {name!r} is {array.dtype}{list(array.shape)}, "
+                f"expected integers of shape {list(shape)}"
+            )
+
+
+class ObservedGrid:
+    """A grid that records every reply error, missing reply and payload size.
+
+    With ``reply_spec`` it also checks the masked vectors of a SecAgg+ round and
+    drops a reply that fails (SecAgg+ then unmasks around that client, as for any
+    client lost at that stage).
+    """
+
+    def __init__(
+        self, grid: Grid, outcome: RoundOutcome, reply_spec: Sequence[TensorSpec] | None = None
+    ) -> None:
         self._grid = grid
         self._outcome = outcome
+        self._reply_spec = reply_spec
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -89,22 +129,31 @@ class ObservedGrid:
                 m.content
             )
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = set()
+        answered, accepted = set(), []
         for reply in replies:
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
                 self._outcome.dropouts.append(Dropout(node, stage, str(reply.error.reason)))
-            else:
-                self._outcome.bytes_up[node] = self._outcome.bytes_up.get(node, 0) + payload_bytes(
-                    reply.content
-                )
+                accepted.append(reply)
+                continue
+            self._outcome.bytes_up[node] = self._outcome.bytes_up.get(node, 0) + payload_bytes(
+                reply.content
+            )
+            if stage == MASKED_VECTOR_STAGE and self._reply_spec is not None:
+                try:
+                    check_masked_vector(reply, self._reply_spec)
+                except WireError as exc:
+                    log.warning("refused the masked vector of node %d: %s", node, exc)
+                    self._outcome.dropouts.append(Dropout(node, stage, f"reply refused: {exc}"))
+                    continue
+            accepted.append(reply)
         for m in messages:
             if m.metadata.dst_node_id not in answered:
                 self._outcome.dropouts.append(
                     Dropout(m.metadata.dst_node_id, stage, f"no reply within {timeout} s")
                 )
-        return replies
+        return accepted
 
 
 def _stage(message: Message) -> str:
@@ -150,6 +199,22 @@ class _PresetRound(Strategy):
         return None
 
 
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with a fix for clients lost before they shared keys.
+
+    Flower 1.41 lists every sampled node that is not active at the unmask stage as
+    "dead" and asks the survivors for its key shares. A node that left during the
+    setup or share-keys stage never sent shares, so the survivors fail with
+    ``KeyError`` and the whole round is lost. Such a node masked nothing, so nothing
+    of it needs unmasking: from the masked-vector stage on, "sampled" means "shared
+    its keys".
+    """
+
+    def collect_masked_vectors_stage(self, grid, context, state):  # noqa: ANN001, ANN201
+        state.sampled_node_ids = set(state.active_node_ids)
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+
 def run_secure_round(
     grid: Grid,
     context: Context,
@@ -158,11 +223,17 @@ def run_secure_round(
     arrays: list[np.ndarray],
     federation: FederationConfig,
     server_round: int,
+    reply_spec: Sequence[TensorSpec],
 ) -> RoundOutcome:
-    """One round through SecAgg+; the server learns only the survivors' mean."""
+    """One round through SecAgg+; the server learns only the survivors' mean.
+
+    ``reply_spec`` is the layout every client's (masked) reply must have. Whatever a
+    client sends, the round ends with a mean or with ``mean=None`` (failed, for the
+    caller to retry), never with an exception that would stop the server.
+    """
     outcome = RoundOutcome(sampled=sorted(node_ids))
     start = time.perf_counter()
-    observed = ObservedGrid(grid, outcome)
+    observed = ObservedGrid(grid, outcome, reply_spec)
     strategy = _PresetRound(observed, context.run_id, node_ids, config)  # type: ignore[arg-type]
     legacy = LegacyContext(context, config=LegacyServerConfig(num_rounds=1), strategy=strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
@@ -171,7 +242,7 @@ def run_secure_round(
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(arrays), keep_input=True
     )
-    workflow = SecAggPlusWorkflow(
+    workflow = _SecAggPlus(
         num_shares=float(federation.secagg_shares),
         reconstruction_threshold=float(federation.secagg_threshold),
         max_weight=1.0,  # every client has weight 1 (num_examples = 1)
@@ -179,7 +250,12 @@ def run_secure_round(
         quantization_range=federation.secagg_quantization_range,
         timeout=federation.round_timeout,
     )
-    workflow(observed, legacy)  # type: ignore[arg-type]
+    try:
+        workflow(observed, legacy)  # type: ignore[arg-type]
+    except Exception as exc:  # a broken or hostile peer must not stop the server
+        log.error("secure round %d failed inside SecAgg+: %r", server_round, exc)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
     outcome.mean = strategy.mean
     outcome.survivors = strategy.survivors
     outcome.seconds = time.perf_counter() - start

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.app import app as client_app
@@ -14,6 +17,7 @@ from client.store import NewComparison, PreferenceStore, StaleRound
 from common.config import RunConfig
 from common.model import load_base
 from common.privacy import epsilon
+from common.wire import WireError
 from server.checkpoints import RunDirectory
 from server.phase_driver import PhaseDriver
 from tests.inprocess_grid import InProcessGrid
@@ -125,26 +129,84 @@ def test_every_client_message_carries_no_text_tokens_or_per_example_values(tiny_
             assert text not in blob, f"node {node} sent text {text!r}"
 
 
-def test_round_survives_a_dropout_and_the_dropped_client_still_pays(tiny_base_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "trained"),
+    [
+        ("setup", False),
+        ("share_keys", False),  # gone before it saw the model
+        ("collect_masked_vectors", False),  # got the model, died before training
+        ("unmask", True),  # trained and sent its masked update, then died
+    ],
+)
+def test_round_survives_a_dropout_at_each_secagg_stage(tiny_base_dir, tmp_path, stage, trained):
     dead = NODES[1]
 
-    def drop(node, message):  # node 22 dies after receiving its instructions (stage 2)
+    def drop(node, message):
         configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
-        return (
-            node == dead
-            and configs is not None
-            and configs.get("stage") == "collect_masked_vectors"
-        )
+        return node == dead and configs is not None and configs.get("stage") == stage
 
-    driver, state, _, stores = run(tiny_base_dir, tmp_path, "dropout", drop=drop)
+    driver, state, _, stores = run(tiny_base_dir, tmp_path, f"drop-{stage}", drop=drop)
     assert state.finished
-    trained = [h for h in state.history if h["task"] == "train"]
-    assert all(h["survivors"] == 2 and h["dropped_nodes"] == [dead] for h in trained)
-    # It "died" before training in this harness, so it spent nothing; the survivors did.
+    for h in state.history:
+        assert h["dropped_nodes"] == [dead], h  # logged by node id
+        # A client that dies after sending its masked update is still in the sum.
+        assert h["survivors"] == (3 if stage == "unmask" else 2)
+    # The dead client's ledger charges exactly what it spent.
     for node, cfg in stores.items():
         with PreferenceStore(cfg["store"]) as store:
             spent = epsilon(store.privacy_events(), 1e-5)
-        assert (spent == 0.0) if node == dead else (0 < spent <= 8.0)
+        if node == dead and not trained:
+            assert spent == 0.0
+        else:
+            assert 0 < spent <= 8.0
+
+
+def test_round_below_min_clients_fails_cleanly_and_is_retried(tiny_base_dir, tmp_path, caplog):
+    def drop(node, message):  # node 22 is unreachable during the first attempt only
+        return node == NODES[1] and message.metadata.group_id == "1"
+
+    with caplog.at_level("ERROR"):
+        _, state, _, _ = run(
+            tiny_base_dir,
+            tmp_path,
+            "retry",
+            drop=drop,
+            **{"federation.min-clients": 3},
+        )
+    assert "reward round 1 attempt 1 failed: 2 survivors < federation.min-clients 3" in caplog.text
+    assert [h["survivors"] for h in state.history] == [3, 3, 3]
+    assert state.server_round == 4  # round 1 twice, round 2, the final evaluation
+
+
+def test_client_crashing_mid_training_keeps_its_charge_and_the_round_goes_on(
+    tiny_base_dir, tmp_path, monkeypatch
+):
+    import client.reward_round as rr
+
+    original = rr.train_reward_model
+    crashing_store = "org-1.sqlite"
+
+    def crash_for_one_store(model, pairs, **kwargs):
+        if any(p.endswith(crashing_store) for p in crash_for_one_store.store_paths):
+            raise MemoryError("simulated crash mid-training")
+        return original(model, pairs, **kwargs)
+
+    crash_for_one_store.store_paths = []
+    original_round = rr.reward_round
+
+    def tracking_round(config, store, *args, **kwargs):
+        crash_for_one_store.store_paths[:] = [str(store.path)]
+        return original_round(config, store, *args, **kwargs)
+
+    monkeypatch.setattr(rr, "train_reward_model", crash_for_one_store)
+    monkeypatch.setattr("client.round_handler.reward_round", tracking_round)
+    _, state, _, stores = run(tiny_base_dir, tmp_path, "crash", **{"reward.rounds": 1})
+    assert state.history[0]["survivors"] == 2 and state.history[0]["dropped_nodes"] == [NODES[1]]
+    with PreferenceStore(stores[NODES[1]]["store"]) as store:
+        ledger = store.ledger()
+    # The charge was written before training started: pending, and counted in full.
+    assert [e.status for e in ledger] == ["pending"]
+    assert epsilon([e.event for e in ledger], 1e-5) > 0
 
 
 def test_budget_exhausted_client_declines_with_a_reason(tiny_base_dir, tmp_path, caplog):
@@ -232,3 +294,79 @@ def test_restarted_server_never_reuses_a_round_number(tiny_base_dir, tmp_path):
     restarted = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
     restarted._resume_or_start()
     assert restarted.state.server_round == 3  # the three failed attempts stay spent
+
+
+@pytest.mark.parametrize("secure", [True, False])
+@pytest.mark.parametrize("attack", ["extra tensor", "wrong shape", "oversized"])
+def test_one_hostile_reply_is_refused_and_the_round_goes_on(
+    tiny_base_dir, tmp_path, monkeypatch, secure, attack
+):
+    import client.round_handler as handler
+
+    original = handler.reward_round
+
+    def hostile_for_one_store(config, store, *args, **kwargs):
+        arrays = original(config, store, *args, **kwargs)
+        if not str(store.path).endswith("org-1.sqlite") or len(arrays) < 2:
+            return arrays
+        if attack == "extra tensor":
+            return [*arrays, np.zeros(3, dtype=np.float32)]
+        if attack == "wrong shape":
+            return [arrays[0][:1], *arrays[1:]]
+        return [np.zeros(3_000_000, dtype=np.float32), *arrays[1:]]  # 12 MB
+
+    monkeypatch.setattr(handler, "reward_round", hostile_for_one_store)
+    _, state, _, _ = run(
+        tiny_base_dir,
+        tmp_path,
+        f"hostile-{secure}-{attack}",
+        **{"reward.rounds": 1, "federation.secure-aggregation": secure},
+    )
+    trained = state.history[0]
+    assert trained["survivors"] == 2 and trained["dropped_nodes"] == [NODES[1]]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error"),
+    [
+        (
+            lambda a: [a[0][:1], *a[1:]],
+            r"tensor 'adapter\..*' has shape \(1, 64\), expected \(4, 64\)",
+        ),
+        (lambda a: [a[0].astype(np.float64), *a[1:]], r"tensor 'adapter\..*' has dtype float64"),
+        (lambda a: [np.full_like(a[0], np.nan), *a[1:]], r"tensor 'adapter\..*' holds \d+ NaN/Inf"),
+        (lambda a: [np.full_like(a[0], np.inf), *a[1:]], r"tensor 'adapter\..*' holds \d+ NaN/Inf"),
+        (lambda a: a[:-1], r"\d+ tensors arrived, expected \d+"),
+        (lambda a: [*a, a[0]], r"\d+ tensors arrived, expected \d+"),
+        (
+            lambda a: [np.zeros(4_000_000, np.float32), *a[1:]],
+            r"tensor 'adapter\..*' has shape \(4000000,\)",
+        ),
+    ],
+    ids=["shape", "dtype", "nan", "inf", "missing", "extra", "oversized"],
+)
+def test_client_refuses_tampered_global_weights_naming_the_tensor(
+    tiny_base_dir, tmp_path, tamper, error
+):
+    _, _, grid, stores = run(
+        tiny_base_dir,
+        tmp_path,
+        "tamper",
+        **{"federation.secure-aggregation": False, "reward.rounds": 1},
+    )
+    node, message = grid.delivered[0]
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    fitins.parameters = ndarrays_to_parameters(tamper(parameters_to_ndarrays(fitins.parameters)))
+    fitins.config["server_round"] = 99  # a fresh round number: not refused as a replay
+    tampered = Message(
+        content=compat.fitins_to_recorddict(fitins, keep_input=True),
+        dst_node_id=node,
+        message_type=message.metadata.message_type,
+        group_id="99",
+    )
+    with PreferenceStore(stores[node]["store"]) as store:
+        before = store.snapshot()
+    with pytest.raises(WireError, match=error):
+        client_app(grid.deliver(node, tampered), grid.contexts[node])
+    with PreferenceStore(stores[node]["store"]) as store:
+        assert store.snapshot() == before  # nothing trained, charged or lost

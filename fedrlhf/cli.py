@@ -3,6 +3,7 @@
 fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
 fedrlhf import --store PATH FILE.jsonl [...]
 fedrlhf store-info --store PATH
+fedrlhf demo-data --org N --out FILE.jsonl
 fedrlhf create-ca | create-node-key | superlink | register-node | supernode | launch
     (a real deployment; see fedrlhf/deploy_commands.py and the README)
 """
@@ -68,6 +69,19 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_data(args: argparse.Namespace) -> int:
+    from simulations.world import World, WorldConfig
+
+    world = World(replace(WorldConfig(), organizations=max(args.org + 1, 2)))
+    out = Path(args.out)
+    with out.open("w", encoding="utf-8") as f:
+        for prompt, chosen, rejected in world.local_comparisons(args.org)[: args.comparisons]:
+            line = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            f.write(json.dumps({**line, "annotator": f"demo-{args.org}"}) + "\n")
+    print(f"{out}: {min(args.comparisons, world.config.comparisons_per_org)} comparisons")
+    return 0
+
+
 def _store_info(args: argparse.Namespace) -> int:
     config = RunConfig()
     with PreferenceStore(args.store) as store:
@@ -128,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--delta", type=float, help="delta for the epsilon shown (default: the run default)"
     )
     info.set_defaults(func=_store_info)
+
+    demo = sub.add_parser(
+        "demo-data", help="a simulated organization's comparisons as JSONL, to try things out"
+    )
+    demo.add_argument("--org", type=int, default=0, help="which simulated organization")
+    demo.add_argument("--comparisons", type=int, default=500)
+    demo.add_argument("--out", required=True, help="JSONL file to write")
+    demo.set_defaults(func=_demo_data)
 
     add_deployment_commands(sub, _parse_override)
     return parser

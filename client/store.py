@@ -63,6 +63,30 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS label_pairs (
+    id INTEGER PRIMARY KEY,
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    first_id INTEGER NOT NULL REFERENCES responses(id),
+    second_id INTEGER NOT NULL REFERENCES responses(id),
+    rank INTEGER NOT NULL,
+    selection TEXT NOT NULL CHECK (selection IN ('uncertain', 'random')),
+    margin REAL,
+    labels_wanted INTEGER NOT NULL CHECK (labels_wanted IN (1, 2)),
+    created_at TEXT NOT NULL,
+    UNIQUE (first_id, second_id),
+    CHECK (first_id < second_id)
+);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY,
+    pair_id INTEGER NOT NULL REFERENCES label_pairs(id),
+    annotator TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('first', 'second', 'tie', 'skip')),
+    shown_left_id INTEGER NOT NULL REFERENCES responses(id),
+    reason TEXT NOT NULL,
+    comparison_id INTEGER REFERENCES comparisons(id),
+    created_at TEXT NOT NULL,
+    undone_at TEXT
+);
 CREATE TABLE IF NOT EXISTS served_rounds (
     run_key TEXT PRIMARY KEY,
     server_round INTEGER NOT NULL,
@@ -218,31 +242,29 @@ class PreferenceStore:
         added = duplicates = 0
         with self.transaction():
             for item in items:
-                h = content_hash(
-                    "comparison", item.prompt, item.chosen, item.rejected, item.annotator
-                )
-                if self._conn.execute("SELECT 1 FROM comparisons WHERE hash=?", (h,)).fetchone():
+                if self.insert_comparison(item, source) is None:
                     duplicates += 1
-                    continue
-                prompt_id = self._prompt_id(item.prompt)
-                chosen_id = self._response_id(prompt_id, item.prompt, item.chosen)
-                rejected_id = self._response_id(prompt_id, item.prompt, item.rejected)
-                self._conn.execute(
-                    "INSERT INTO comparisons(prompt_id, chosen_id, rejected_id, annotator, source,"
-                    " origin, hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        prompt_id,
-                        chosen_id,
-                        rejected_id,
-                        item.annotator,
-                        source,
-                        item.origin,
-                        h,
-                        _now(),
-                    ),
-                )
-                added += 1
+                else:
+                    added += 1
         return added, duplicates
+
+    def insert_comparison(self, item: NewComparison, source: str) -> int | None:
+        """Insert one comparison inside the caller's :meth:`transaction`; returns its id,
+        or None if the same annotator already gave this comparison."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        h = content_hash("comparison", item.prompt, item.chosen, item.rejected, item.annotator)
+        if self._conn.execute("SELECT 1 FROM comparisons WHERE hash=?", (h,)).fetchone():
+            return None
+        prompt_id = self._prompt_id(item.prompt)
+        chosen_id = self._response_id(prompt_id, item.prompt, item.chosen)
+        rejected_id = self._response_id(prompt_id, item.prompt, item.rejected)
+        cursor = self._conn.execute(
+            "INSERT INTO comparisons(prompt_id, chosen_id, rejected_id, annotator, source,"
+            " origin, hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (prompt_id, chosen_id, rejected_id, item.annotator, source, item.origin, h, _now()),
+        )
+        return int(cursor.lastrowid)
 
     def comparisons(self, split: str = "all", heldout_fraction: float = 0.0) -> list[Comparison]:
         """Comparisons in insertion order; ``split`` is ``all``, ``train`` or ``heldout``."""
@@ -261,6 +283,16 @@ class PreferenceStore:
         want_heldout = split == "heldout"
         return [c for c in out if is_heldout(c.hash, heldout_fraction) == want_heldout]
 
+    def add_candidates(self, prompt: str, responses: Iterable[str]) -> list[int]:
+        """Add a prompt's candidate responses for labeling (idempotent); returns their ids."""
+        with self.transaction():
+            prompt_id = self._prompt_id(prompt)
+            return [self._response_id(prompt_id, prompt, text) for text in responses]
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """A read-only query, for modules that keep their own tables here (labeling)."""
+        return self._conn.execute(sql, params).fetchall()
+
     def prompts(self) -> list[str]:
         return [r["text"] for r in self._conn.execute("SELECT text FROM prompts ORDER BY id")]
 
@@ -274,7 +306,15 @@ class PreferenceStore:
 
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table, for tests that prove nothing was changed or lost."""
-        tables = ("meta", "prompts", "responses", "comparisons", "privacy_ledger")
+        tables = (
+            "meta",
+            "prompts",
+            "responses",
+            "comparisons",
+            "privacy_ledger",
+            "label_pairs",
+            "labels",
+        )
         return {
             t: [tuple(r) for r in self._conn.execute(f"SELECT * FROM {t} ORDER BY 1")]
             for t in tables

@@ -4,6 +4,7 @@ fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
 fedrlhf import --store PATH FILE.jsonl [...]
 fedrlhf store-info --store PATH
 fedrlhf demo-data --org N --out FILE.jsonl
+fedrlhf label | candidates | export | stats   (a partner's annotators; see label_commands.py)
 fedrlhf create-ca | create-node-key | superlink | register-node | supernode | launch
     (a real deployment; see fedrlhf/deploy_commands.py and the README)
 """
@@ -25,6 +26,7 @@ from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
 from common.privacy import epsilon
 from fedrlhf.deploy_commands import add_deployment_commands
+from fedrlhf.label_commands import add_label_commands
 
 
 def _parse_override(text: str) -> tuple[str, bool | int | float | str]:
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="JSONL file to write")
     demo.set_defaults(func=_demo_data)
 
+    add_label_commands(sub)
     add_deployment_commands(sub, _parse_override)
     return parser
 

@@ -4,6 +4,7 @@ fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
 fedrlhf import --store PATH FILE.jsonl [...]
 fedrlhf store-info --store PATH
 fedrlhf demo-data --org N --out FILE.jsonl
+fedrlhf labeling-study [--out DIR]   (uncertainty-first vs random labeling, simulated)
 fedrlhf label | candidates | export | stats   (a partner's annotators; see label_commands.py)
 fedrlhf create-ca | create-node-key | superlink | register-node | supernode | launch
     (a real deployment; see fedrlhf/deploy_commands.py and the README)
@@ -68,6 +69,27 @@ def _import(args: argparse.Namespace) -> int:
             print(
                 f"{path}: {report.comparisons} comparisons, {report.added} added, {report.duplicates} already present"
             )
+    return 0
+
+
+def _labeling_study(args: argparse.Namespace) -> int:
+    from simulations.labeling_study import StudyConfig, run_study
+
+    study = replace(
+        StudyConfig(), repeats=args.repeats, budget=args.budget, batch=args.batch, pool=args.pool
+    )
+    report = run_study(Path(args.out), study)
+    needed = report["uncertainty_labels_to_reach_it"]
+    print(
+        f"random selection: accuracy {report['random_accuracy_at_budget']:.4f} with "
+        f"{study.budget} labels; uncertainty-first reaches it with "
+        + (
+            f"{needed:.0f} labels ({report['labels_saved_fraction']:.0%} fewer)"
+            if needed
+            else "no budget within this run"
+        )
+        + f"\nreport: {Path(args.out) / 'labeling_study.json'}, plot: labeling_study.png"
+    )
     return 0
 
 
@@ -152,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--comparisons", type=int, default=500)
     demo.add_argument("--out", required=True, help="JSONL file to write")
     demo.set_defaults(func=_demo_data)
+
+    study = sub.add_parser(
+        "labeling-study",
+        help="simulate annotation campaigns: uncertainty-first vs random pair selection",
+    )
+    study.add_argument("--out", default="runs/labeling-study")
+    study.add_argument("--repeats", type=int, default=2)
+    study.add_argument("--budget", type=int, default=1000, help="labels per campaign")
+    study.add_argument("--batch", type=int, default=100, help="labels between retrainings")
+    study.add_argument("--pool", type=int, default=4000, help="unlabeled candidate pairs")
+    study.set_defaults(func=_labeling_study)
 
     add_label_commands(sub)
     add_deployment_commands(sub, _parse_override)

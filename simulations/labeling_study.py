@@ -1,0 +1,211 @@
+"""How many labels does uncertainty-first pair selection save? Measured in the world.
+
+Two annotation campaigns draw pairs from the same pool of unlabeled candidate pairs
+and get labels from the world's Bradley-Terry annotators:
+
+* ``random``: each batch of pairs is drawn uniformly at random;
+* ``uncertainty``: each batch is the head of the labeling queue the partners use
+  (:func:`client.pair_selection.order_pairs` on the current reward model's margins,
+  with its share of random pairs).
+
+After each batch a reward model is retrained (non-DP, the clients' trainer) on all
+labels so far and scored on the world's test set. The report gives both accuracy
+curves and the labels uncertainty-first needs to reach the accuracy random
+selection has at the full budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from client.pair_selection import order_pairs  # noqa: E402
+from client.reward_training import OptimizerSettings, train_reward_model  # noqa: E402
+from common.config import RunConfig  # noqa: E402
+from common.model import (  # noqa: E402
+    RewardModel,
+    build_reward_model,
+    encode_pairs,
+    load_base,
+    score_pairs,
+)
+from simulations.baselines import build_test_set  # noqa: E402
+from simulations.pretrain import PretrainConfig, pretrained_base  # noqa: E402
+from simulations.world import Pair, World, WorldConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("random", "uncertainty")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    pool: int = 4000
+    """Unlabeled candidate pairs, drawn across the organizations."""
+    seed_labels: int = 100
+    """Random labels both campaigns start from (no model exists before them)."""
+    batch: int = 100
+    budget: int = 1000
+    random_fraction: float = 0.2
+    """Share of random pairs in the uncertainty-first queue (as deployed)."""
+    epochs: float = 10.0
+    min_steps: int = 60
+    train_batch: int = 64
+    repeats: int = 2
+
+
+def _train(
+    config: RunConfig,
+    study: StudyConfig,
+    pairs: list[Pair],
+    labels: list[tuple[str, str]],
+    seed: int,
+) -> RewardModel:
+    """A fresh reward model on the labels so far (non-DP: the question is which pairs)."""
+    base, tokenizer = load_base(config.model.base, seed=config.seed)
+    model = build_reward_model(base, config.model, seed=seed)
+    encoded = encode_pairs(
+        tokenizer,
+        [p.prompt for p in pairs],
+        [chosen for chosen, _ in labels],
+        [rejected for _, rejected in labels],
+        config.model.max_length,
+    )
+    batch = min(len(pairs), study.train_batch)
+    steps = max(study.min_steps, math.ceil(study.epochs * len(pairs) / batch))
+    train_reward_model(
+        model,
+        encoded,
+        steps=steps,
+        batch_size=batch,
+        optimizer=OptimizerSettings.of(config.reward),
+        dp=None,
+        seed=seed,
+    )
+    return model
+
+
+def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """Labels at which a curve first reaches ``target`` (linear between points)."""
+    for (n0, a0), (n1, a1) in zip(curve, curve[1:], strict=False):
+        if a0 >= target:
+            return float(n0)
+        if a1 >= target:
+            return n0 + (n1 - n0) * (target - a0) / (a1 - a0)
+    return float(curve[0][0]) if curve and curve[0][1] >= target else None
+
+
+def run_study(
+    out_dir: Path,
+    study: StudyConfig | None = None,
+    world_config: WorldConfig | None = None,
+    cache_dir: Path | None = None,
+    pretrain: PretrainConfig | None = None,
+) -> dict:
+    """Run both campaigns; writes ``labeling_study.json`` and ``labeling_study.png``."""
+    study = study or StudyConfig()
+    world_config = world_config or WorldConfig()
+    cache_dir = cache_dir or Path.home() / ".cache" / "fedrlhf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = World(world_config)
+    base_dir = pretrained_base(world, cache_dir, pretrain)
+    config = RunConfig().replace(**{"model.base": str(base_dir)})
+    _, tokenizer = load_base(str(base_dir))
+    test = build_test_set(world, tokenizer, config.model.max_length)
+
+    curves: dict[str, list[list[tuple[int, float]]]] = {s: [] for s in STRATEGIES}
+    for repeat in range(study.repeats):
+        rng = np.random.default_rng([world_config.seed, 7, repeat])
+        per_org = math.ceil(study.pool / len(world.organizations))
+        pool = [
+            pair
+            for org in range(len(world.organizations))
+            for pair in world.sample_pairs(org, per_org, rng)
+        ]
+        pool_encoded = encode_pairs(
+            tokenizer,
+            [p.prompt for p in pool],
+            [p.a for p in pool],
+            [p.b for p in pool],
+            config.model.max_length,
+        )
+        answers = [world.label(p, rng) for p in pool]  # each pair's label, if asked
+        start = rng.choice(len(pool), study.seed_labels, replace=False).tolist()
+        for strategy in STRATEGIES:
+            chosen = list(start)
+            pick_rng = np.random.default_rng([world_config.seed, 8, repeat])
+            curve = []
+            while True:
+                model = _train(
+                    config,
+                    study,
+                    [pool[i] for i in chosen],
+                    [answers[i] for i in chosen],
+                    seed=repeat,
+                )
+                curve.append((len(chosen), test.accuracy(model)))
+                log.info("%s repeat %d: %d labels, accuracy %.4f", strategy, repeat, *curve[-1])
+                if len(chosen) >= study.budget:
+                    break
+                rest = np.array(sorted(set(range(len(pool))) - set(chosen)))
+                if strategy == "random":
+                    picked = pick_rng.choice(rest, study.batch, replace=False).tolist()
+                else:
+                    margins = score_pairs(model, pool_encoded).numpy()[rest]
+                    queue = order_pairs(margins, study.random_fraction, 0.0, pick_rng)
+                    picked = [int(rest[q.index]) for q in queue[: study.batch]]
+                chosen += picked
+            curves[strategy].append(curve)
+
+    mean = {
+        s: [
+            (runs[0][k][0], float(np.mean([run[k][1] for run in runs])))
+            for k in range(len(runs[0]))
+        ]
+        for s, runs in curves.items()
+    }
+    target = mean["random"][-1][1]
+    needed = labels_to_reach(mean["uncertainty"], target)
+    report = {
+        "study": asdict(study),
+        "curves_mean": mean,
+        "curves_per_repeat": curves,
+        "random_accuracy_at_budget": target,
+        "uncertainty_labels_to_reach_it": needed,
+        "labels_saved": None if needed is None else study.budget - needed,
+        "labels_saved_fraction": None if needed is None else 1 - needed / study.budget,
+    }
+    (out_dir / "labeling_study.json").write_text(json.dumps(report, indent=2))
+    _plot(mean, target, needed, out_dir / "labeling_study.png")
+    return report
+
+
+def _plot(mean: dict, target: float, needed: float | None, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy, curve in mean.items():
+        ax.plot(*zip(*curve, strict=True), marker="o", label=f"{strategy} selection")
+    ax.axhline(target, color="gray", linestyle=":", label="random at full budget")
+    if needed is not None:
+        ax.axvline(
+            needed, color="gray", linestyle="--", label=f"uncertainty reaches it: {needed:.0f}"
+        )
+    ax.set_xlabel("labels")
+    ax.set_ylabel("test accuracy (expected, vs. true preferences)")
+    ax.set_title("Reward-model accuracy per label: which pairs to ask about")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def small_study() -> StudyConfig:
+    """Settings for tests: a couple of tiny batches."""
+    return replace(StudyConfig(), pool=200, seed_labels=20, batch=20, budget=60, repeats=1)

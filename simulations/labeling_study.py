@@ -27,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from client.pair_selection import order_pairs  # noqa: E402
 from client.reward_training import OptimizerSettings, train_reward_model  # noqa: E402
@@ -122,6 +123,17 @@ def run_study(
     test = build_test_set(world, tokenizer, config.model.max_length)
 
     curves: dict[str, list[list[tuple[int, float]]]] = {s: [] for s in STRATEGIES}
+    trainings = (
+        study.repeats
+        * len(STRATEGIES)
+        * (1 + math.ceil((study.budget - study.seed_labels) / study.batch))
+    )
+    progress = Progress(
+        TextColumn("labeling study"), BarColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    )  # fmt: skip
+    task = progress.add_task("", total=trainings)
+    progress.start()
     for repeat in range(study.repeats):
         rng = np.random.default_rng([world_config.seed, 7, repeat])
         per_org = math.ceil(study.pool / len(world.organizations))
@@ -153,6 +165,12 @@ def run_study(
                 )
                 curve.append((len(chosen), test.accuracy(model)))
                 log.info("%s repeat %d: %d labels, accuracy %.4f", strategy, repeat, *curve[-1])
+                progress.update(
+                    task,
+                    advance=1,
+                    description=f"{strategy}, repeat {repeat + 1}: {len(chosen)} labels, "
+                    f"accuracy {curve[-1][1]:.3f}",
+                )
                 if len(chosen) >= study.budget:
                     break
                 rest = np.array(sorted(set(range(len(pool))) - set(chosen)))
@@ -164,6 +182,7 @@ def run_study(
                     picked = [int(rest[q.index]) for q in queue[: study.batch]]
                 chosen += picked
             curves[strategy].append(curve)
+    progress.stop()
 
     mean = {
         s: [

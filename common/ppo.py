@@ -1,0 +1,138 @@
+"""The math of KL-regularized PPO on language models, one pure function per idea.
+
+Shapes: ``[batch, tokens]`` for per-token quantities of the generated responses,
+with ``mask`` 1 on response tokens and 0 on padding after the end. In the spirit of
+CleanRL: every detail is a named function here, and the trainer only composes them.
+
+Symbols: ``logp`` log-probability of a generated token under the policy being
+trained, ``logp_old`` under the policy that generated it (rollout time),
+``logp_ref`` under the reference (base model, adapter off), ``beta`` the KL
+coefficient, ``gamma``/``lam`` the discount and GAE parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalize to unit variance over the masked entries (zero mean if ``shift_mean``).
+
+    Advantages are whitened with the mean removed; PPO implementations keep the mean
+    when whitening rewards, so that a reward's sign survives.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_per_token(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    ``k1 = log p - log p_ref``: unbiased, can be negative per token.
+    ``k3 = (r - 1) - log r`` with ``r = p_ref / p``: unbiased, never negative, lower
+    variance (Schulman, "Approximating KL divergence", 2020).
+    """
+    log_ratio = logp - logp_ref
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def shaped_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    ended: torch.Tensor,
+    beta: float,
+    missing_eos_penalty: float,
+) -> torch.Tensor:
+    """Per-token rewards: ``-beta * kl`` everywhere, plus the reward model's score on
+    the last response token; a response that never produced an end-of-sequence token
+    has ``missing_eos_penalty`` subtracted from its score."""
+    rewards = -beta * kl * mask
+    last = mask.sum(dim=1).long().clamp(min=1) - 1
+    final = scores - missing_eos_penalty * (~ended).float()
+    rewards[torch.arange(len(scores)), last] += final
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation; returns (advantages, returns = advantages + values).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V = 0`` after the last token, and
+    ``A_t = delta_t + gamma * lam * A_{t+1}``.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    next_advantage = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m
+        # Past the end (mask 0) nothing flows back: the episode is over there.
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_advantage = torch.where(m > 0, advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    """``E[(r - 1) - log r]`` with ``r = p / p_old``: how far this update has moved."""
+
+
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> PolicyLoss:
+    """PPO's clipped surrogate: ``max(-A r, -A clip(r, 1 - eps, 1 + eps))``."""
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return PolicyLoss(loss, clip_fraction.detach(), approx_kl.detach())
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    values_old: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> torch.Tensor:
+    """``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)``."""
+    clipped = values_old + torch.clamp(values - values_old, -clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy of the policy's next-token distribution (for logging)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)

@@ -1,0 +1,100 @@
+"""PPO, KL and DPO math against values computed by hand (numbers in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.losses import dpo_loss
+from common.ppo import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy,
+    gae,
+    kl_per_token,
+    masked_whiten,
+    shaped_rewards,
+)
+from server.kl_controller import AdaptiveKLController, FixedKLController
+
+T = torch.tensor
+
+
+def test_kl_estimators():
+    logp, logp_ref = T([[-1.0]]), T([[-1.5]])
+    assert kl_per_token(logp, logp_ref, "k1").item() == pytest.approx(0.5)
+    # k3 = (r - 1) - log r, r = exp(-1.5 - (-1)) = e^-0.5 = 0.606531
+    assert kl_per_token(logp, logp_ref, "k3").item() == pytest.approx(0.606531 - 1 + 0.5, abs=1e-6)
+    assert kl_per_token(logp_ref, logp, "k3").item() > 0  # never negative
+    with pytest.raises(ValueError, match="k1"):
+        kl_per_token(logp, logp_ref, "k2")
+
+
+def test_shaped_rewards_put_the_score_on_the_last_token_and_penalize_no_eos():
+    kl, mask = T([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]), T([[1.0, 1, 0], [1, 1, 1]])
+    rewards = shaped_rewards(T([2.0, 2.0]), kl, mask, T([False, True]), 0.5, 1.0)
+    # row 0: -0.5*0.1, -0.5*0.2 + (2 - 1 penalty), padding 0
+    # row 1: -0.05, -0.1, -0.15 + 2 (it ended: no penalty)
+    torch.testing.assert_close(rewards, T([[-0.05, 0.9, 0.0], [-0.05, -0.1, 1.85]]))
+
+
+def test_gae_by_hand_with_padding():
+    rewards = T([[1.0, 0.0, 2.0], [0.5, 1.0, 9.0]])
+    values = T([[0.5, 1.0, 1.5], [1.0, 2.0, 7.0]])
+    mask = T([[1.0, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 0: d2 = 2 - 1.5 = 0.5; d1 = 0.9*1.5 - 1 = 0.35, A1 = 0.35 + 0.72*0.5 = 0.71;
+    #        d0 = 1 + 0.9*1 - 0.5 = 1.4, A0 = 1.4 + 0.72*0.71 = 1.9112
+    # row 1: the last token is t=1: d1 = 1 - 2 = -1; A0 = 0.5 + 0.9*2 - 1 + 0.72*(-1) = 0.58
+    torch.testing.assert_close(advantages, T([[1.9112, 0.71, 0.5], [0.58, -1.0, 0.0]]))
+    torch.testing.assert_close(returns, T([[2.4112, 1.71, 2.0], [1.58, 1.0, 0.0]]))
+
+
+def test_whitening_ignores_padding():
+    x, mask = T([[1.0, 2.0, 3.0, 100.0]]), T([[1.0, 1, 1, 0]])
+    # mean 2, variance 2/3 -> (x - 2) / 0.816497
+    torch.testing.assert_close(masked_whiten(x, mask), T([[-1.224745, 0.0, 1.224745, 0.0]]))
+    kept = masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(kept, T([[0.775255, 2.0, 3.224745, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    logp_old = T([[0.0, 0.0]])
+    logp = torch.log(T([[1.5, 1.5]]))  # ratio 1.5 on both tokens
+    out = clipped_policy_loss(logp, logp_old, T([[1.0, -1.0]]), T([[1.0, 1.0]]), 0.2)
+    # A=+1: max(-1.5, -1.2) = -1.2 (clipped); A=-1: max(1.5, 1.2) = 1.5 -> mean 0.15
+    assert out.loss.item() == pytest.approx(0.15)
+    assert out.clip_fraction.item() == pytest.approx(0.5)
+    assert out.approx_kl.item() == pytest.approx(0.5 - math.log(1.5))
+
+
+def test_clipped_value_loss_by_hand():
+    # V=2, V_old=1, R=1.5, eps 0.2: clipped V = 1.2; max(0.25, 0.09) / 2 = 0.125
+    loss = clipped_value_loss(T([[2.0]]), T([[1.0]]), T([[1.5]]), T([[1.0]]), 0.2)
+    assert loss.item() == pytest.approx(0.125)
+    # V=0.9, V_old=1, R=2, eps 0.05: clipped V = 0.95; max(1.1^2, 1.05^2) / 2 = 0.605
+    loss = clipped_value_loss(T([[0.9]]), T([[1.0]]), T([[2.0]]), T([[1.0]]), 0.05)
+    assert loss.item() == pytest.approx(0.605)
+
+
+def test_entropy_of_a_uniform_distribution():
+    logits = torch.zeros(1, 2, 4)
+    assert entropy(logits, T([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
+
+
+def test_dpo_loss_by_hand():
+    # beta * ((-1 + 1.5) - (-2 + 1.8)) = 0.1 * 0.7 = 0.07; -log sigmoid(0.07) = 0.658759
+    loss = dpo_loss(T([-1.0]), T([-2.0]), T([-1.5]), T([-1.8]), beta=0.1)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.07)))
+    assert loss.item() == pytest.approx(0.658759, abs=1e-6)
+
+
+def test_adaptive_kl_controller_update_rule():
+    # error = clip(KL/target - 1, -0.2, 0.2); beta *= 1 + error * n / horizon
+    for kl, expected in ((9.0, 0.1 * (1 + 0.2 * 0.0256)), (3.0, 0.1 * (1 - 0.2 * 0.0256)),
+                         (6.6, 0.1 * (1 + 0.1 * 0.0256)), (6.0, 0.1)):  # fmt: skip
+        controller = AdaptiveKLController(beta=0.1, target=6.0, horizon=10_000)
+        assert controller.update(kl, n_steps=256) == pytest.approx(expected)
+    assert FixedKLController(0.05).update(100.0, 256) == 0.05

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulate annotation campaigns: uncertainty-first vs random pair selection",
     )
     study.add_argument("--out", default="runs/labeling-study")
-    study.add_argument("--repeats", type=int, default=2)
+    study.add_argument("--repeats", type=int, default=3)
     study.add_argument("--budget", type=int, default=1000, help="labels per campaign")
     study.add_argument("--batch", type=int, default=100, help="labels between retrainings")
     study.add_argument("--pool", type=int, default=4000, help="unlabeled candidate pairs")

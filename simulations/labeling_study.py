@@ -9,9 +9,11 @@ and get labels from the world's Bradley-Terry annotators:
   with its share of random pairs).
 
 After each batch a reward model is retrained (non-DP, the clients' trainer) on all
-labels so far and scored on the world's test set. The report gives both accuracy
-curves and the labels uncertainty-first needs to reach the accuracy random
-selection has at the full budget.
+labels so far and scored on the world's test set. Single points of such curves are
+noisy (a retrained model moves by a point or two), so each campaign's mean curve is
+fitted with a learning curve ``acc(n) = a - b * n^(-c)``; the report gives the raw
+curves, the fits, and the labels uncertainty-first needs to reach the accuracy random
+selection has at the full budget (both read off the fits).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from scipy.optimize import curve_fit  # noqa: E402
 
+from client.label_queue import QueueSettings  # noqa: E402
 from client.pair_selection import order_pairs  # noqa: E402
 from client.reward_training import OptimizerSettings, train_reward_model  # noqa: E402
 from common.config import RunConfig  # noqa: E402
@@ -44,7 +48,7 @@ from simulations.pretrain import PretrainConfig, pretrained_base  # noqa: E402
 from simulations.world import Pair, World, WorldConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("random", "uncertainty")
+RANDOM_CAMPAIGN = "random"
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,12 @@ class StudyConfig:
     """Random labels both campaigns start from (no model exists before them)."""
     batch: int = 100
     budget: int = 1000
-    random_fraction: float = 0.2
-    """Share of random pairs in the uncertainty-first queue (as deployed)."""
+    random_fractions: tuple[float, ...] = (0.2, 0.5)
+    """Shares of random pairs in the uncertainty-first queues compared (0.2 as deployed)."""
     epochs: float = 10.0
     min_steps: int = 60
     train_batch: int = 64
-    repeats: int = 2
+    repeats: int = 3
 
 
 def _train(
@@ -94,6 +98,29 @@ def _train(
     return model
 
 
+def fit_learning_curve(curve: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """Least-squares ``(a, b, c)`` of ``acc(n) = a - b * n^(-c)`` through the points."""
+    n = np.array([p[0] for p in curve], dtype=float)
+    acc = np.array([p[1] for p in curve], dtype=float)
+    (a, b, c), _ = curve_fit(
+        lambda x, a, b, c: a - b * x ** (-c),
+        n,
+        acc,
+        p0=(acc.max() + 0.02, 1.0, 0.5),
+        bounds=([0.0, 0.0, 0.01], [1.0, 100.0, 3.0]),
+        maxfev=20_000,
+    )
+    return float(a), float(b), float(c)
+
+
+def labels_for_accuracy(fit: tuple[float, float, float], target: float) -> float | None:
+    """Labels at which a fitted learning curve reaches ``target`` (None: never)."""
+    a, b, c = fit
+    if target >= a:
+        return None
+    return float((b / (a - target)) ** (1.0 / c))
+
+
 def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """Labels at which a curve first reaches ``target`` (linear between points)."""
     for (n0, a0), (n1, a1) in zip(curve, curve[1:], strict=False):
@@ -122,10 +149,13 @@ def run_study(
     _, tokenizer = load_base(str(base_dir))
     test = build_test_set(world, tokenizer, config.model.max_length)
 
-    curves: dict[str, list[list[tuple[int, float]]]] = {s: [] for s in STRATEGIES}
+    campaigns = {RANDOM_CAMPAIGN: 1.0} | {
+        f"uncertainty ({f:.0%} random)": f for f in study.random_fractions
+    }
+    curves: dict[str, list[list[tuple[int, float]]]] = {s: [] for s in campaigns}
     trainings = (
         study.repeats
-        * len(STRATEGIES)
+        * len(campaigns)
         * (1 + math.ceil((study.budget - study.seed_labels) / study.batch))
     )
     progress = Progress(
@@ -151,7 +181,7 @@ def run_study(
         )
         answers = [world.label(p, rng) for p in pool]  # each pair's label, if asked
         start = rng.choice(len(pool), study.seed_labels, replace=False).tolist()
-        for strategy in STRATEGIES:
+        for strategy, random_fraction in campaigns.items():
             chosen = list(start)
             pick_rng = np.random.default_rng([world_config.seed, 8, repeat])
             curve = []
@@ -174,11 +204,11 @@ def run_study(
                 if len(chosen) >= study.budget:
                     break
                 rest = np.array(sorted(set(range(len(pool))) - set(chosen)))
-                if strategy == "random":
+                if strategy == RANDOM_CAMPAIGN:
                     picked = pick_rng.choice(rest, study.batch, replace=False).tolist()
                 else:
                     margins = score_pairs(model, pool_encoded).numpy()[rest]
-                    queue = order_pairs(margins, study.random_fraction, 0.0, pick_rng)
+                    queue = order_pairs(margins, random_fraction, 0.0, pick_rng)
                     picked = [int(rest[q.index]) for q in queue[: study.batch]]
                 chosen += picked
             curves[strategy].append(curve)
@@ -191,26 +221,46 @@ def run_study(
         ]
         for s, runs in curves.items()
     }
-    target = mean["random"][-1][1]
-    needed = labels_to_reach(mean["uncertainty"], target)
+    fits = {s: fit_learning_curve(curve) for s, curve in mean.items()}
+    a, b, c = fits[RANDOM_CAMPAIGN]
+    checkpoints = [n for n, _ in mean[RANDOM_CAMPAIGN]][1:]
+    savings = {}
+    for strategy in campaigns:
+        if strategy == RANDOM_CAMPAIGN:
+            continue
+        rows = []
+        for n in checkpoints:  # labels random selection spends to reach its accuracy at n
+            target = a - b * n ** (-c)
+            needed = labels_for_accuracy(fits[strategy], target)
+            rows.append({"random_labels": n, "accuracy": target, "labels_needed": needed})
+        savings[strategy] = rows
+    deployed = f"uncertainty ({QueueSettings().random_fraction:.0%} random)"
+    at_budget = savings.get(deployed, next(iter(savings.values())))[-1]
+    needed = at_budget["labels_needed"]
+    target = at_budget["accuracy"]
     report = {
         "study": asdict(study),
         "curves_mean": mean,
         "curves_per_repeat": curves,
+        "learning_curve_fits": {s: dict(zip("abc", f, strict=True)) for s, f in fits.items()},
+        "labels_needed_for_random_accuracy_at_n": savings,
         "random_accuracy_at_budget": target,
         "uncertainty_labels_to_reach_it": needed,
         "labels_saved": None if needed is None else study.budget - needed,
         "labels_saved_fraction": None if needed is None else 1 - needed / study.budget,
     }
     (out_dir / "labeling_study.json").write_text(json.dumps(report, indent=2))
-    _plot(mean, target, needed, out_dir / "labeling_study.png")
+    _plot(mean, fits, target, needed, out_dir / "labeling_study.png")
     return report
 
 
-def _plot(mean: dict, target: float, needed: float | None, path: Path) -> None:
+def _plot(mean: dict, fits: dict, target: float, needed: float | None, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for strategy, curve in mean.items():
-        ax.plot(*zip(*curve, strict=True), marker="o", label=f"{strategy} selection")
+        line = ax.plot(*zip(*curve, strict=True), "o", label=f"{strategy} selection")[0]
+        a, b, c = fits[strategy]
+        n = np.linspace(curve[0][0], curve[-1][0], 200)
+        ax.plot(n, a - b * n ** (-c), color=line.get_color(), alpha=0.7)
     ax.axhline(target, color="gray", linestyle=":", label="random at full budget")
     if needed is not None:
         ax.axvline(

@@ -29,11 +29,17 @@ def test_study_writes_both_curves_and_the_saving(tmp_path):
         pretrain=PretrainConfig(corpus_size=1000, steps=30),
     )
     study = small_study()
-    for strategy in ("random", "uncertainty"):
+    assert set(report["curves_mean"]) == {
+        "random",
+        "uncertainty (20% random)",
+        "uncertainty (50% random)",
+    }
+    for strategy in report["curves_mean"]:
         labels = [n for n, _ in report["curves_mean"][strategy]]
         assert labels == list(range(study.seed_labels, study.budget + 1, study.batch))
         assert all(0.0 <= acc <= 1.0 for _, acc in report["curves_mean"][strategy])
-    assert report["random_accuracy_at_budget"] == report["curves_mean"]["random"][-1][1]
+    savings = report["labels_needed_for_random_accuracy_at_n"]["uncertainty (20% random)"]
+    assert [row["random_labels"] for row in savings] == [40, 60]
     saved = json.loads((tmp_path / "study" / "labeling_study.json").read_text())
     assert saved["labels_saved"] == report["labels_saved"]
     assert (tmp_path / "study" / "labeling_study.png").stat().st_size > 10_000

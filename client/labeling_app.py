@@ -146,8 +146,12 @@ class LabelingHandler(BaseHTTPRequestHandler):
         if origin is not None and origin != self.server.origin and origin != _localhost(self):
             self._refuse(HTTPStatus.FORBIDDEN, "cross-site request refused")
             return None
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_FORM_BYTES:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self._refuse(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+            return None
+        if not 0 <= length <= MAX_FORM_BYTES:
             self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "form too large")
             return None
         raw = self.rfile.read(length).decode("utf-8", errors="replace")

@@ -7,7 +7,8 @@ Only the adapter and the head are trained, sent and checkpointed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,17 @@ def lora_config(config: ModelConfig) -> LoraConfig:
     )
 
 
+@contextmanager
+def active_adapter(lm: PeftModel, name: str) -> Iterator[None]:
+    """Run with adapter ``name`` active (the base is shared by several), then restore."""
+    previous = lm.active_adapter
+    lm.set_adapter(name)
+    try:
+        yield
+    finally:
+        lm.set_adapter(previous)
+
+
 class RewardModel(nn.Module):
     """Scalar reward r(prompt, response): LoRA adapter ``reward`` + linear head.
 
@@ -143,7 +155,10 @@ class RewardModel(nn.Module):
         return self.lm.get_base_model().base_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with active_adapter(self.lm, REWARD_ADAPTER):
+            hidden = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
         if self.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)

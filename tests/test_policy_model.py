@@ -1,0 +1,86 @@
+"""The policy adapter on the base the reward model already uses (one copy of the weights)."""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+
+from common.config import ModelConfig
+from common.model import build_reward_model, encode_texts, load_base
+from common.policy_model import POLICY_ADAPTER, add_policy, load_policy, token_logprobs
+
+
+def perturb(model, adapter: str, scale: float = 0.5) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and f".{adapter}." in name:
+                param.normal_(0, scale)
+
+
+def batch(tokenizer):
+    return encode_texts(
+        tokenizer, ["How do I cook pasta?", "Budget tips?"], ["Simmer it.", "Track spending."], 32
+    )
+
+
+def test_reference_logprobs_equal_a_separately_loaded_base(tiny_base_dir):
+    base, tokenizer = load_base(str(tiny_base_dir))
+    reward = build_reward_model(base, ModelConfig(), seed=1)
+    policy = add_policy(reward.lm, ModelConfig(), seed=2)
+    perturb(reward.lm, POLICY_ADAPTER)
+    perturb(reward.lm, "reward")
+    ids, mask = batch(tokenizer)
+
+    fresh_base, _ = load_base(str(tiny_base_dir))
+    with torch.no_grad():
+        expected = token_logprobs(fresh_base(input_ids=ids, attention_mask=mask).logits, ids)
+    torch.testing.assert_close(policy.reference_logprobs(ids, mask), expected)
+    logits, values = policy(ids, mask)
+    assert values.shape == ids.shape
+    assert not torch.allclose(token_logprobs(logits, ids), expected)  # the policy moved
+
+
+def test_fresh_policy_is_the_reference_and_leaves_the_reward_model_alone(tiny_base_dir):
+    base, tokenizer = load_base(str(tiny_base_dir))
+    reward = build_reward_model(base, ModelConfig(), seed=1)
+    perturb(reward.lm, "reward")
+    ids, mask = batch(tokenizer)
+    with torch.no_grad():
+        scores_before = reward(ids, mask)
+    policy = add_policy(reward.lm, ModelConfig(), seed=2)
+    with torch.no_grad():
+        logits, _ = policy(ids, mask)
+        torch.testing.assert_close(
+            token_logprobs(logits, ids), policy.reference_logprobs(ids, mask)
+        )
+        perturb(reward.lm, POLICY_ADAPTER)
+        torch.testing.assert_close(reward(ids, mask), scores_before)
+
+
+def test_policy_adapter_saves_in_peft_layout_and_generates(tiny_base_dir, tmp_path):
+    base, tokenizer = load_base(str(tiny_base_dir))
+    reward = build_reward_model(base, ModelConfig(), seed=1)
+    policy = add_policy(reward.lm, ModelConfig(), seed=2)
+    perturb(reward.lm, POLICY_ADAPTER)
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    adapter_dir = policy.save_pretrained(tmp_path / "ckpt")
+    ids, mask = batch(tokenizer)
+    with torch.no_grad():
+        expected_logits, expected_values = policy(ids, mask)
+
+    plain = PeftModel.from_pretrained(load_base(str(tiny_base_dir))[0], str(adapter_dir))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(input_ids=ids, attention_mask=mask).logits, expected_logits
+        )
+    prompt = tokenizer(["How do I cook pasta?\n"], return_tensors="pt")
+    out = plain.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]  # it generated
+
+    other = build_reward_model(load_base(str(tiny_base_dir))[0], ModelConfig(), seed=1)
+    loaded = load_policy(other.lm, adapter_dir)
+    with torch.no_grad():
+        logits, values = loaded(ids, mask)
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(values, expected_values)

@@ -123,14 +123,34 @@ def lora_config(config: ModelConfig) -> LoraConfig:
 
 
 @contextmanager
-def active_adapter(lm: PeftModel, name: str) -> Iterator[None]:
-    """Run with adapter ``name`` active (the base is shared by several), then restore."""
-    previous = lm.active_adapter
-    lm.set_adapter(name)
+def keep_trainable(module: nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` on exit.
+
+    PEFT's adapter switches (``set_adapter``, ``disable_adapter``) also change which
+    adapter is trainable; which tensors train is the trainer's decision, not theirs.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
     try:
         yield
     finally:
-        lm.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def active_adapter(lm: PeftModel, name: str) -> Iterator[None]:
+    """Run with adapter ``name`` active (the base is shared by several), then restore."""
+    previous = lm.active_adapter
+    if previous == name:
+        yield
+        return
+    with keep_trainable(lm):
+        lm.set_adapter(name)
+    try:
+        yield
+    finally:
+        with keep_trainable(lm):
+            lm.set_adapter(previous)
 
 
 class RewardModel(nn.Module):

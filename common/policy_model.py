@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.config import ModelConfig
-from common.model import active_adapter, lora_config
+from common.model import active_adapter, keep_trainable, lora_config
 
 POLICY_ADAPTER = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -40,23 +40,37 @@ class PolicyModel(nn.Module):
         self.value_head = value_head
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits ``[B, T, V]``, values ``[B, T]``) of the policy."""
+        """(logits ``[B, T, V]``, values ``[B, T]``) of the policy.
+
+        ``position_ids`` are needed for left-padded prompts (rollouts).
+        """
         with active_adapter(self.lm, POLICY_ADAPTER):
             out = self.lm(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
             )
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)
         return out.logits, values
 
     @torch.no_grad()
     def reference_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token log-probabilities under the base model (all adapters off)."""
-        with self.lm.disable_adapter():
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        with keep_trainable(self.lm), self.lm.disable_adapter():
+            logits = self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).logits
         return token_logprobs(logits, input_ids)
 
     @torch.no_grad()

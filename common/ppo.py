@@ -23,6 +23,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's masked token mean.
+
+    The loss under DP: each rollout's loss depends on its own tokens only, so its
+    per-sample gradient is its own (a batch-wide token mean would scale it by the
+    other rollouts' lengths).
+    """
+    return ((x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+
+
 def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -66,7 +76,8 @@ def shaped_rewards(
     the last response token; a response that never produced an end-of-sequence token
     has ``missing_eos_penalty`` subtracted from its score."""
     rewards = -beta * kl * mask
-    last = mask.sum(dim=1).long().clamp(min=1) - 1
+    # The last masked position (responses may start after a left-padded prompt).
+    last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
     final = scores - missing_eos_penalty * (~ended).float()
     rewards[torch.arange(len(scores)), last] += final
     return rewards
@@ -108,13 +119,16 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    per_sequence: bool = False,
 ) -> PolicyLoss:
-    """PPO's clipped surrogate: ``max(-A r, -A clip(r, 1 - eps, 1 + eps))``."""
+    """PPO's clipped surrogate: ``max(-A r, -A clip(r, 1 - eps, 1 + eps))``, averaged
+    over tokens (or per sequence first, with ``per_sequence``)."""
     log_ratio = logp - logp_old
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    reduce = sequence_mean if per_sequence else masked_mean
+    loss = reduce(torch.maximum(unclipped, clipped), mask)
     clip_fraction = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
     return PolicyLoss(loss, clip_fraction.detach(), approx_kl.detach())
@@ -126,10 +140,12 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    per_sequence: bool = False,
 ) -> torch.Tensor:
     """``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)``."""
     clipped = values_old + torch.clamp(values - values_old, -clip_range, clip_range)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    reduce = sequence_mean if per_sequence else masked_mean
+    return 0.5 * reduce(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

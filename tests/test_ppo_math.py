@@ -38,6 +38,11 @@ def test_shaped_rewards_put_the_score_on_the_last_token_and_penalize_no_eos():
     # row 0: -0.5*0.1, -0.5*0.2 + (2 - 1 penalty), padding 0
     # row 1: -0.05, -0.1, -0.15 + 2 (it ended: no penalty)
     torch.testing.assert_close(rewards, T([[-0.05, 0.9, 0.0], [-0.05, -0.1, 1.85]]))
+    # A response after the prompt (mask starts later): the score still lands on its end.
+    late = shaped_rewards(
+        T([2.0]), T([[0.0, 0.2, 0.4, 0.0]]), T([[0.0, 1, 1, 0]]), T([True]), 1.0, 0.0
+    )
+    torch.testing.assert_close(late, T([[0.0, -0.2, 1.6, 0.0]]))
 
 
 def test_gae_by_hand_with_padding():

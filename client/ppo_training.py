@@ -1,0 +1,292 @@
+"""One client's PPO: rollouts on local prompts, then clipped updates, optionally with DP.
+
+An iteration, every step named (the math is in :mod:`common.ppo`):
+
+1. **Rollouts.** Sample responses from the policy for a batch of local prompts
+   (temperature, top-p, max new tokens; a response ends at the first EOS), score
+   each with the reward function, and record the policy's log-probabilities and
+   values and the reference's log-probabilities (adapters off), all without grad.
+2. **Rewards and advantages.** Per-token KL penalty ``-beta * kl`` plus the score on
+   the last token (minus a penalty if the response never ended); GAE; whitening.
+3. **Updates.** ``ppo_epochs`` passes over random minibatches: clipped surrogate +
+   ``value_coef`` * clipped value loss. Without DP, stop early once the approximate
+   KL between the new and the rollout policy passes ``target_approx_kl``.
+
+With DP, one prompt's rollout is the privacy unit: the loss is a mean over rollouts
+of each rollout's own token mean, Opacus computes one gradient per rollout, clips
+and noises it. Each rollout enters ``ppo_epochs`` noisy steps per iteration, which
+compose into one Gaussian mechanism with noise multiplier ``sigma / sqrt(ppo_epochs)``
+on a Poisson sample of the prompts (see :func:`dp_event_per_iteration`). Early stop
+would read private data, so it is off under DP.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from client.reward_training import DPSettings
+from common.policy_model import PolicyModel, token_logprobs
+from common.ppo import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    shaped_rewards,
+)
+from common.privacy import DPEvent
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
+"""(prompts, responses) -> one reward-model score per response."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    kl_estimator: str = "k3"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    value_coef: float = 0.1
+    ppo_epochs: int = 4
+    minibatches: int = 1
+    target_approx_kl: float = 0.1
+    missing_eos_penalty: float = 1.0
+    whiten_advantages: bool = True
+
+
+@dataclass
+class Rollouts:
+    prompts: list[str]
+    responses: list[str]
+    ids: torch.Tensor
+    """``[B, T]``: left-padded prompt, then the response (right-padded)."""
+    mask: torch.Tensor
+    positions: torch.Tensor
+    response_mask: torch.Tensor
+    """``[B, T - 1]``: 1 where the next token belongs to the response (EOS included)."""
+    ended: torch.Tensor
+    scores: torch.Tensor
+    logp_old: torch.Tensor
+    logp_ref: torch.Tensor
+    values_old: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, rows: torch.Tensor) -> Rollouts:
+        pick = [int(i) for i in rows]
+        return Rollouts(
+            [self.prompts[i] for i in pick],
+            [self.responses[i] for i in pick],
+            *(t[rows] for t in (self.ids, self.mask, self.positions, self.response_mask)),
+            *(t[rows] for t in (self.ended, self.scores, self.logp_old, self.logp_ref)),
+            self.values_old[rows],
+        )
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate_rollouts(
+    policy: PolicyModel,
+    tokenizer,  # noqa: ANN001
+    prompts: Sequence[str],
+    score_fn: ScoreFn,
+    sampling: SamplingSettings,
+    seed: int,
+) -> Rollouts:
+    """Step 1: sample, cut at EOS, score, and record old/reference log-probs and values."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(
+            [p + "\n" for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+    finally:
+        tokenizer.padding_side = side
+    torch.manual_seed(seed)
+    out = policy.generate(
+        enc["input_ids"],
+        enc["attention_mask"],
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    prompt_width = enc["input_ids"].shape[1]
+    generated = out[:, prompt_width:]
+    is_eos = generated == tokenizer.eos_token_id
+    ended = is_eos.any(dim=1)
+    first_eos = torch.where(ended, is_eos.int().argmax(dim=1), generated.shape[1] - 1)
+    steps = torch.arange(generated.shape[1]).unsqueeze(0)
+    response_tokens = (steps <= first_eos.unsqueeze(1)).long()
+    generated = torch.where(response_tokens.bool(), generated, tokenizer.pad_token_id)
+
+    ids = torch.cat([enc["input_ids"], generated], dim=1)
+    mask = torch.cat([enc["attention_mask"], response_tokens], dim=1)
+    positions = _positions(mask)
+    response_mask = torch.cat(
+        [torch.zeros(len(prompts), prompt_width - 1, dtype=torch.long), response_tokens], dim=1
+    ).float()
+    responses = [
+        tokenizer.decode(row[: int(n)], skip_special_tokens=True).strip()
+        for row, n in zip(generated, first_eos + (~ended).long(), strict=True)
+    ]
+    logits, values = policy(ids, mask, positions)
+    return Rollouts(
+        prompts=list(prompts),
+        responses=responses,
+        ids=ids,
+        mask=mask,
+        positions=positions,
+        response_mask=response_mask,
+        ended=ended,
+        scores=score_fn(list(prompts), responses).float(),
+        logp_old=token_logprobs(logits, ids),
+        logp_ref=policy.reference_logprobs(ids, mask, positions),
+        values_old=values[:, :-1],
+    )
+
+
+@dataclass(frozen=True)
+class PPOStats:
+    score: float
+    kl: float
+    """Mean over rollouts of the summed per-token KL to the reference."""
+    entropy: float
+    policy_loss: float
+    value_loss: float
+    clip_fraction: float
+    approx_kl: float
+    steps: int
+    early_stopped: bool
+
+
+def dp_event_per_iteration(dp: DPSettings, sample_rate: float, ppo_epochs: int) -> DPEvent:
+    """The privacy cost of one iteration (one Poisson sample of prompts, ``ppo_epochs``
+    noisy steps on it): ``ppo_epochs`` Gaussian mechanisms on the same rollout compose
+    to one with noise multiplier ``sigma / sqrt(ppo_epochs)``."""
+    return DPEvent(dp.noise_multiplier / math.sqrt(ppo_epochs), sample_rate, 1)
+
+
+def ppo_update(
+    policy: PolicyModel,
+    rollouts: Rollouts,
+    beta: float,
+    settings: PPOSettings,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSettings | None = None,
+    expected_batch_size: float | None = None,
+    seed: int = 0,
+) -> PPOStats:
+    """Steps 2 and 3 on one batch of rollouts (possibly empty under DP)."""
+    r = rollouts
+    kl = kl_per_token(r.logp_old, r.logp_ref, settings.kl_estimator) * r.response_mask
+    rewards = shaped_rewards(
+        r.scores, kl, r.response_mask, r.ended, beta, settings.missing_eos_penalty
+    )
+    advantages, returns = gae(rewards, r.values_old, r.response_mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages and len(r) > 1:
+        advantages = masked_whiten(advantages, r.response_mask)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    model: torch.nn.Module = policy
+    step_optimizer = optimizer
+    if dp is not None:
+        if expected_batch_size is None:
+            raise ValueError("DP PPO needs the expected batch size of its Poisson sample")
+        model = GradSampleModule(policy, loss_reduction="mean")
+        step_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=max(1, round(expected_batch_size / settings.minibatches)),
+            generator=torch.Generator().manual_seed(seed),
+        )
+    generator = torch.Generator().manual_seed(seed + 1)
+    losses: dict[str, list[float]] = {k: [] for k in ("policy", "value", "clip", "akl", "ent")}
+    steps, early_stopped = 0, False
+    policy.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(settings.ppo_epochs):
+                order = torch.randperm(len(r), generator=generator)
+                for rows in order.tensor_split(settings.minibatches):
+                    step_optimizer.zero_grad(set_to_none=True)
+                    steps += 1
+                    if len(rows) == 0:  # an empty Poisson sample still takes a noise step
+                        for p in params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        step_optimizer.step()
+                        continue
+                    mb = r.select(rows)
+                    logits, values = model(mb.ids, mb.mask, mb.positions)
+                    logp = token_logprobs(logits, mb.ids)
+                    pl = clipped_policy_loss(
+                        logp, mb.logp_old, advantages[rows], mb.response_mask,
+                        settings.clip_range, per_sequence=True,
+                    )  # fmt: skip
+                    vl = clipped_value_loss(
+                        values[:, :-1], mb.values_old, returns[rows], mb.response_mask,
+                        settings.value_clip_range, per_sequence=True,
+                    )  # fmt: skip
+                    (pl.loss + settings.value_coef * vl).backward()
+                    step_optimizer.step()
+                    with torch.no_grad():
+                        ent = entropy(logits[:, :-1], mb.response_mask)
+                    for key, value in zip(
+                        losses, (pl.loss, vl, pl.clip_fraction, pl.approx_kl, ent), strict=True
+                    ):
+                        losses[key].append(float(value.detach()))
+                if dp is None and losses["akl"] and losses["akl"][-1] > settings.target_approx_kl:
+                    early_stopped = True
+                    break
+    finally:
+        policy.eval()
+        if isinstance(model, GradSampleModule):
+            model._close()
+        for p in params:
+            p.grad = None
+
+    def mean(key: str) -> float:
+        return sum(losses[key]) / len(losses[key]) if losses[key] else 0.0
+
+    return PPOStats(
+        score=float(r.scores.mean()) if len(r) else 0.0,
+        kl=float(kl.sum(dim=1).mean()) if len(r) else 0.0,
+        entropy=mean("ent"),
+        policy_loss=mean("policy"),
+        value_loss=mean("value"),
+        clip_fraction=mean("clip"),
+        approx_kl=mean("akl"),
+        steps=steps,
+        early_stopped=early_stopped,
+    )
+
+
+def mean_kl_to_reference(rollouts: Rollouts, estimator: str = "k3") -> float:
+    """Mean per-token KL of the rollouts' policy to the reference (for reports)."""
+    kl = kl_per_token(rollouts.logp_old, rollouts.logp_ref, estimator)
+    return float(masked_mean(kl, rollouts.response_mask))

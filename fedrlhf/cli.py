@@ -79,17 +79,15 @@ def _labeling_study(args: argparse.Namespace) -> int:
         StudyConfig(), repeats=args.repeats, budget=args.budget, batch=args.batch, pool=args.pool
     )
     report = run_study(Path(args.out), study)
-    needed = report["uncertainty_labels_to_reach_it"]
-    print(
-        f"random selection: accuracy {report['random_accuracy_at_budget']:.4f} with "
-        f"{study.budget} labels; uncertainty-first reaches it with "
-        + (
-            f"{needed:.0f} labels ({report['labels_saved_fraction']:.0%} fewer)"
-            if needed
-            else "no budget within this run"
-        )
-        + f"\nreport: {Path(args.out) / 'labeling_study.json'}, plot: labeling_study.png"
-    )
+    for campaign, rows in report["labels_needed_for_random_accuracy_at_n"].items():
+        print(f"{campaign}: labels needed for the accuracy random selection reaches with")
+        for row in rows:
+            needed = row["labels_needed"]
+            print(
+                f"  {row['random_labels']:5d} labels (accuracy {row['accuracy']:.4f}): "
+                + (f"{needed:.0f} ({needed / row['random_labels'] - 1:+.0%})" if needed else "-")
+            )
+    print(f"report: {Path(args.out) / 'labeling_study.json'}, plot: labeling_study.png")
     return 0
 
 

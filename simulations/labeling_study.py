@@ -250,7 +250,8 @@ def run_study(
         "labels_saved_fraction": None if needed is None else 1 - needed / study.budget,
     }
     (out_dir / "labeling_study.json").write_text(json.dumps(report, indent=2))
-    _plot(mean, fits, target, needed, out_dir / "labeling_study.png")
+    shown = needed if needed is not None and needed <= study.budget else None
+    _plot(mean, fits, target, shown, out_dir / "labeling_study.png")
     return report
 
 

@@ -272,24 +272,36 @@ def encode_texts(
     Too long: the prompt is cut from the left, then the response from the right; the
     EOS token (where the score is read) is always kept.
     """
+    ids, mask, _ = encode_texts_with_starts(tokenizer, prompts, responses, max_length)
+    return ids, mask
+
+
+def encode_texts_with_starts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`encode_texts` plus the index of each row's first response token."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
-        return torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1), dtype=torch.long)
+        empty = torch.zeros((0, 1), dtype=torch.long)
+        return empty, empty.clone(), torch.zeros(0, dtype=torch.long)
     prompt_rows = tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
     response_rows = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
+    starts: list[int] = []
     for prompt_ids, response_ids in zip(prompt_rows, response_rows, strict=True):
         response_ids = response_ids[: max_length - 1] + [tokenizer.eos_token_id]
         room = max_length - len(response_ids)
-        rows.append((prompt_ids[-room:] if room > 0 else []) + response_ids)
+        kept_prompt = prompt_ids[-room:] if room > 0 else []
+        rows.append(kept_prompt + response_ids)
+        starts.append(len(kept_prompt))
     width = max((len(r) for r in rows), default=1)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
-    return ids, mask
+    return ids, mask, torch.tensor(starts, dtype=torch.long)
 
 
 def encode_pairs(

@@ -28,7 +28,12 @@ from common.model import build_byte_level_tokenizer, build_reward_model, load_ba
 def make_base(spec: str):
     if spec == "gpt2-small":
         tokenizer = build_byte_level_tokenizer()
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=256)  # 124M-shaped body
+        config = GPT2Config(  # 124M-shaped body on the byte-level tokenizer
+            vocab_size=len(tokenizer),
+            n_positions=256,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = GPT2LMHeadModel(config)
         model.requires_grad_(False)
         return model, ModelConfig(lora_targets="c_attn", lora_rank=8)

@@ -95,6 +95,12 @@ def sign_in(browser: Browser, server: PageServer, name: str) -> Page:
     return page
 
 
+def press(page: Page, key: str) -> None:
+    """A keyboard shortcut, once the page's script has attached its key handler."""
+    page.wait_for_selector("body[data-shortcuts=ready]", state="attached")
+    page.keyboard.press(key)
+
+
 def shown(page: Page) -> tuple[str, str, str]:
     return (
         page.text_content("#prompt") or "",
@@ -129,11 +135,11 @@ def test_label_by_mouse_and_keyboard_with_tie_skip_and_undo(browser, server):
     assert page.text_content("#done") == "1" and page.text_content("#remaining") == str(total - 1)
 
     prompt2, a2, b2 = shown(page)
-    page.keyboard.press("b")  # keyboard
+    press(page, "b")  # keyboard
     page.wait_for_selector("#done >> text=2")
     assert comparisons(server.store)[-1] == (prompt2, b2, a2, "alice")
 
-    page.keyboard.press("t")
+    press(page, "t")
     page.wait_for_selector("text=Recorded a tie.")
     skipped = shown(page)
     page.click("#skip")
@@ -141,11 +147,11 @@ def test_label_by_mouse_and_keyboard_with_tie_skip_and_undo(browser, server):
     assert [c for _, c in live_labels(server.store)][2:] == ["tie", "skip"]
     assert len(comparisons(server.store)) == 2  # ties and skips make no comparison
 
-    page.keyboard.press("u")  # undo the skip: that pair comes back
+    press(page, "u")  # undo the skip: that pair comes back
     page.wait_for_selector("text=Last choice undone.")
     assert shown(page)[0] == skipped[0]
     assert [c for _, c in live_labels(server.store)][2:] == ["tie"]  # the skip is gone
-    page.keyboard.press("u")
+    press(page, "u")
     page.wait_for_selector("#done >> text=2")
     page.click("#undo")  # undo the keyboard "B" choice: its comparison goes too
     page.wait_for_selector("#done >> text=1")
@@ -235,7 +241,7 @@ def test_killing_the_server_loses_no_submitted_choice(browser, server):
     submitted = []
     for key in ("a", "b", "a"):
         prompt, a, b = shown(page)
-        page.keyboard.press(key)
+        press(page, key)
         page.wait_for_selector(f"#done >> text={len(submitted) + 1}")
         submitted.append((prompt, a if key == "a" else b, b if key == "a" else a, "erin"))
     os.kill(server.process.pid, signal.SIGKILL)

@@ -59,37 +59,48 @@ def read_candidates(path: str | Path) -> list[tuple[str, list[str]]]:
 
 
 @torch.no_grad()
-def generate_candidates(
+def sample_responses(
     base: str, policy_dir: str | None, prompts: Sequence[str], settings: GenerationSettings
-) -> dict[str, list[str]]:
-    """``per_model`` samples per prompt from the reference and (if given) the policy."""
+) -> dict[str, dict[str, list[str]]]:
+    """``per_model`` samples per prompt from the reference and (if given) the policy:
+    ``{"reference": {prompt: [...]}, "policy": {prompt: [...]}}``."""
     model, tokenizer = load_base(base)
     if policy_dir is not None:
         model = PeftModel.from_pretrained(model, policy_dir)
     model.eval()
     torch.manual_seed(settings.seed)
-    out: dict[str, list[str]] = {p: [] for p in prompts}
-    variants = [("reference", True)] + ([("policy", False)] if policy_dir else [])
-    for _, disable_adapter in variants:
+    kwargs = dict(
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    out: dict[str, dict[str, list[str]]] = {}
+    for variant in ["reference"] + (["policy"] if policy_dir else []):
+        out[variant] = {}
         for prompt in prompts:
             encoded = tokenizer([prompt + "\n"] * settings.per_model, return_tensors="pt")
-            kwargs = dict(
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-            if disable_adapter and isinstance(model, PeftModel):
+            if variant == "reference" and isinstance(model, PeftModel):
                 with model.disable_adapter():
                     tokens = model.generate(**encoded, **kwargs)
             else:
                 tokens = model.generate(**encoded, **kwargs)
             new = tokens[:, encoded["input_ids"].shape[1] :]
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                text = text.strip()
-                if text and text not in out[prompt]:
-                    out[prompt].append(text)
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            out[variant][prompt] = [t.strip() for t in texts]
+    return out
+
+
+def generate_candidates(
+    base: str, policy_dir: str | None, prompts: Sequence[str], settings: GenerationSettings
+) -> dict[str, list[str]]:
+    """Distinct non-empty samples per prompt, from the reference and the policy."""
+    samples = sample_responses(base, policy_dir, prompts, settings)
+    out: dict[str, list[str]] = {p: [] for p in prompts}
+    for by_prompt in samples.values():
+        for prompt, texts in by_prompt.items():
+            out[prompt] += [t for t in texts if t and t not in out[prompt]]
     return out
 
 

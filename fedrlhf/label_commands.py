@@ -2,6 +2,7 @@
 
 label       serve the labeling page for a store (127.0.0.1 by default; token printed)
 candidates  add candidate responses (imported or generated) and re-rank the queue
+generate    samples from the base and a policy adapter, side by side
 export      the store's comparisons as prompt/chosen/rejected JSONL
 stats       counts per annotator, agreement, epsilon spent
 """
@@ -65,6 +66,32 @@ def _candidates(args: argparse.Namespace) -> int:
         queued = refresh_queue(store, scorer, settings)
     order = "least certain first" if scorer else "random order (no --reward model given)"
     print(f"queue: {queued} pairs awaiting labels, {order}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from client.candidates import GenerationSettings, sample_responses
+
+    settings = GenerationSettings(
+        per_model=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    samples = sample_responses(
+        args.base or RunConfig().model.base, args.policy, args.prompt, settings
+    )
+    table = Table(title="samples: reference (base) vs policy", show_lines=True)
+    table.add_column("prompt")
+    for variant in samples:
+        table.add_column(variant)
+    for prompt in args.prompt:
+        table.add_row(prompt, *("\n---\n".join(samples[v][prompt]) for v in samples))
+    Console().print(table)
     return 0
 
 
@@ -137,6 +164,17 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
     cand.add_argument("--double-fraction", type=float, default=QueueSettings.double_fraction)
     cand.add_argument("--seed", type=int, default=0)
     cand.set_defaults(func=_candidates)
+
+    gen = sub.add_parser("generate", help="samples from the base and a policy adapter side by side")
+    gen.add_argument("--base", help="base model (default: the run config's model.base)")
+    gen.add_argument("--policy", help="policy adapter directory (PEFT layout)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--samples", type=int, default=2, help="samples per prompt and model")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
 
     export = sub.add_parser("export", help="comparisons as prompt/chosen/rejected JSONL")
     export.add_argument("--store", required=True)

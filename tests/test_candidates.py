@@ -55,3 +55,17 @@ def test_reward_scorer_loads_a_saved_adapter_and_scores_like_the_model(tiny_base
     prompts, first, second = ["q?", "r?"], ["a good answer", "yes"], ["bad", "no thanks"]
     expected = score_pairs(model, encode_pairs(tokenizer, prompts, first, second, 32)).numpy()
     assert scorer(prompts, first, second) == pytest.approx(expected, abs=1e-5)
+
+
+def test_generate_command_shows_reference_and_policy_side_by_side(tiny_base_dir, tmp_path, capsys):
+    from fedrlhf.cli import main as cli
+
+    base, _ = load_base(str(tiny_base_dir))
+    policy = get_peft_model(base, lora_config(ModelConfig()))
+    policy.save_pretrained(tmp_path / "policy")
+    code = cli(
+        ["generate", "--base", str(tiny_base_dir), "--policy", str(tmp_path / "policy")]
+        + ["--prompt", "How do I cook pasta?", "--max-new-tokens", "6"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "reference" in out and "policy" in out and "How do I cook" in out

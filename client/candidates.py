@@ -64,6 +64,10 @@ def sample_responses(
 ) -> dict[str, dict[str, list[str]]]:
     """``per_model`` samples per prompt from the reference and (if given) the policy:
     ``{"reference": {prompt: [...]}, "policy": {prompt: [...]}}``."""
+    if policy_dir is not None and not (Path(policy_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{policy_dir}: no adapter_config.json (expected a PEFT adapter directory)"
+        )
     model, tokenizer = load_base(base)
     if policy_dir is not None:
         model = PeftModel.from_pretrained(model, policy_dir)

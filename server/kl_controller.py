@@ -44,3 +44,41 @@ class FixedKLController:
 
     def state_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrustRegionDecision:
+    scale: float
+    """Multiplier for the aggregated update: 1 (as is), in (0, 1) (scaled back), 0 (rejected)."""
+    reason: str
+
+
+def trust_region(
+    kl_current: float, kl_proposed: float, bound: float, mode: str
+) -> TrustRegionDecision:
+    """Keep the federation's policy within ``bound`` of the reference.
+
+    ``kl_current`` is the KL to the reference of the global policy the round started
+    from, ``kl_proposed`` that of the clients' updated policies (aggregated through
+    SecAgg+). Within the bound the step is taken. Past it, ``mode="reject"`` drops the
+    round; ``mode="scale"`` takes the fraction ``s`` of the step at which the straight
+    line between the two KL values meets the bound: if KL is convex along the step
+    (it is in a policy's natural parameters), the line lies above it, so the
+    scaled-back policy stays within the bound.
+    """
+    if mode not in ("scale", "reject"):
+        raise ValueError(f"trust-region mode must be 'scale' or 'reject', got {mode!r}")
+    if kl_proposed <= bound:
+        return TrustRegionDecision(1.0, f"KL {kl_proposed:.4g} within the bound {bound:.4g}")
+    if kl_proposed < kl_current:
+        return TrustRegionDecision(
+            1.0, f"KL {kl_proposed:.4g} still past the bound {bound:.4g}, but moving back"
+        )
+    if mode == "reject" or kl_current >= bound:
+        return TrustRegionDecision(
+            0.0, f"rejected: KL {kl_proposed:.4g} would pass the bound {bound:.4g}"
+        )
+    scale = (bound - kl_current) / (kl_proposed - kl_current)
+    return TrustRegionDecision(
+        scale, f"scaled by {scale:.3f}: KL {kl_proposed:.4g} would pass the bound {bound:.4g}"
+    )

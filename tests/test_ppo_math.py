@@ -103,3 +103,18 @@ def test_adaptive_kl_controller_update_rule():
         controller = AdaptiveKLController(beta=0.1, target=6.0, horizon=10_000)
         assert controller.update(kl, n_steps=256) == pytest.approx(expected)
     assert FixedKLController(0.05).update(100.0, 256) == 0.05
+
+
+def test_trust_region_takes_scales_or_rejects_the_step():
+    from server.kl_controller import trust_region
+
+    assert trust_region(1.0, 3.0, 4.0, "scale").scale == 1.0
+    # The line from KL 2 (s=0) to KL 10 (s=1) meets the bound 4 at s = 2/8.
+    scaled = trust_region(2.0, 10.0, 4.0, "scale")
+    assert scaled.scale == pytest.approx(0.25) and "scaled by 0.250" in scaled.reason
+    rejected = trust_region(2.0, 10.0, 4.0, "reject")
+    assert rejected.scale == 0.0 and rejected.reason.startswith("rejected")
+    assert trust_region(5.0, 6.0, 4.0, "scale").scale == 0.0  # already outside: no step out
+    assert trust_region(6.0, 5.0, 4.0, "reject").scale == 1.0  # but a step back is taken
+    with pytest.raises(ValueError, match="scale"):
+        trust_region(1.0, 2.0, 4.0, "clip")

@@ -28,6 +28,7 @@ from client.label_queue import (
     MAX_REASON_CHARS,
     LabelError,
     PairToLabel,
+    Progress,
     next_pair,
     progress,
     record_label,
@@ -296,7 +297,9 @@ def _sign_in(session: Session) -> str:
     )
 
 
-def _compare(session: Session, pair: PairToLabel | None, left_first: bool, stats, message) -> str:  # noqa: ANN001
+def _compare(
+    session: Session, pair: PairToLabel | None, left_first: bool, stats: Progress, message: str
+) -> str:
     who = html.escape(session.annotator or "")
     agreement = "–" if stats.agreement is None else f"{stats.agreement:.0%}"
     bar = (

@@ -17,7 +17,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.reward_training import DPSettings
+from client.reward_training import DPSettings, noise_only_step
 from common.losses import dpo_loss
 from common.model import EncodedPairs, encode_texts_with_starts
 from common.policy_model import PolicyModel, token_logprobs
@@ -144,9 +144,7 @@ def train_dpo(
                     index = torch.randperm(len(batch), generator=generator)[:batch_size]
                 step_optimizer.zero_grad(set_to_none=True)
                 if len(index) == 0:
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                    step_optimizer.step()
+                    noise_only_step(step_optimizer, params)
                     continue
                 loss = dpo_batch_loss(model, policy, batch.rows(index), beta)
                 loss.backward()

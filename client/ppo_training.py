@@ -31,7 +31,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.reward_training import DPSettings
+from client.reward_training import DPSettings, noise_only_step
 from common.policy_model import PolicyModel, token_logprobs
 from common.ppo import (
     clipped_policy_loss,
@@ -237,9 +237,7 @@ def ppo_update(
                     step_optimizer.zero_grad(set_to_none=True)
                     steps += 1
                     if len(rows) == 0:  # an empty Poisson sample still takes a noise step
-                        for p in params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                        step_optimizer.step()
+                        noise_only_step(step_optimizer, params)
                         continue
                     mb = r.select(rows)
                     logits, values = model(mb.ids, mb.mask, mb.positions)

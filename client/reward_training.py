@@ -71,7 +71,7 @@ def _pair_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch
     return bradley_terry_loss(chosen, rejected)
 
 
-def _noise_only_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+def noise_only_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     """An empty Poisson batch still takes a (pure noise) step, as the accounting assumes."""
     for p in params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
@@ -138,7 +138,7 @@ def train_reward_model(
                 batch = next(batches)
                 torch_optimizer.zero_grad(set_to_none=True)
                 if batch[0].shape[0] == 0:
-                    _noise_only_step(torch_optimizer, params)
+                    noise_only_step(torch_optimizer, params)
                     continue
                 loss = _pair_loss(trained, batch)
                 loss.backward()

@@ -107,13 +107,13 @@ def test_empty_poisson_batches_still_take_a_noise_step(model_and_tokenizer, monk
     calls = {"noise_only": 0}
     import client.reward_training as rt
 
-    original = rt._noise_only_step
+    original = rt.noise_only_step
 
     def counting(optimizer, params):
         calls["noise_only"] += 1
         original(optimizer, params)
 
-    monkeypatch.setattr(rt, "_noise_only_step", counting)
+    monkeypatch.setattr(rt, "noise_only_step", counting)
     before = {k: v.detach().clone() for k, v in model.trainable_state().items()}
     accountant = accountant_for([])
     train_reward_model(

@@ -17,7 +17,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.reward_training import DPSettings, noise_only_step
+from client.reward_training import DPSettings, finish_training, noise_only_step
 from common.losses import dpo_loss
 from common.model import EncodedPairs, encode_texts_with_starts
 from common.policy_model import PolicyModel, token_logprobs
@@ -151,9 +151,5 @@ def train_dpo(
                 step_optimizer.step()
                 losses.append(float(loss.detach()))
     finally:
-        policy.eval()
-        if isinstance(model, GradSampleModule):
-            model._close()
-        for p in params:
-            p.grad = None
+        finish_training(policy, model, params)
     return sum(losses) / max(1, len(losses))

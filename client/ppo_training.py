@@ -31,7 +31,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.reward_training import DPSettings, noise_only_step
+from client.reward_training import DPSettings, finish_training, noise_only_step
 from common.policy_model import PolicyModel, token_logprobs
 from common.ppo import (
     clipped_policy_loss,
@@ -262,11 +262,7 @@ def ppo_update(
                     early_stopped = True
                     break
     finally:
-        policy.eval()
-        if isinstance(model, GradSampleModule):
-            model._close()
-        for p in params:
-            p.grad = None
+        finish_training(policy, model, params)
 
     def mean(key: str) -> float:
         return sum(losses[key]) / len(losses[key]) if losses[key] else 0.0

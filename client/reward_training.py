@@ -71,6 +71,17 @@ def _pair_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch
     return bradley_terry_loss(chosen, rejected)
 
 
+def finish_training(
+    model: torch.nn.Module, trained: torch.nn.Module, params: list[torch.nn.Parameter]
+) -> None:
+    """Back to evaluation mode, Opacus hooks and per-sample buffers removed, no grads kept."""
+    model.eval()
+    if isinstance(trained, GradSampleModule):
+        trained._close()
+    for p in params:
+        p.grad = None
+
+
 def noise_only_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     """An empty Poisson batch still takes a (pure noise) step, as the accounting assumes."""
     for p in params:
@@ -145,9 +156,5 @@ def train_reward_model(
                 torch_optimizer.step()
                 losses.append(float(loss.detach()))
     finally:
-        model.eval()
-        if isinstance(trained, GradSampleModule):
-            trained._close()  # remove hooks and per-sample buffers from `model`
-        for p in params:
-            p.grad = None
+        finish_training(model, trained, params)
     return TrainResult(steps=steps, mean_loss=sum(losses) / max(1, len(losses)), event=event)

@@ -22,6 +22,7 @@ would read private data, so it is off under DP.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.reward_training import DPSettings, finish_training, noise_only_step
+from common.config import PolicyConfig
 from common.policy_model import PolicyModel, token_logprobs
 from common.ppo import (
     clipped_policy_loss,
@@ -55,6 +57,10 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
 
+    @classmethod
+    def of(cls, config: PolicyConfig) -> SamplingSettings:
+        return cls(config.max_new_tokens, config.temperature, config.top_p)
+
 
 @dataclass(frozen=True)
 class PPOSettings:
@@ -69,6 +75,10 @@ class PPOSettings:
     target_approx_kl: float = 0.1
     missing_eos_penalty: float = 1.0
     whiten_advantages: bool = True
+
+    @classmethod
+    def of(cls, config: PolicyConfig) -> PPOSettings:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -181,6 +191,7 @@ class PPOStats:
     approx_kl: float
     steps: int
     early_stopped: bool
+    rollouts: int
 
 
 def dp_event_per_iteration(dp: DPSettings, sample_rate: float, ppo_epochs: int) -> DPEvent:
@@ -277,6 +288,7 @@ def ppo_update(
         approx_kl=mean("akl"),
         steps=steps,
         early_stopped=early_stopped,
+        rollouts=len(r),
     )
 
 

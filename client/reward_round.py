@@ -116,7 +116,7 @@ def reward_round(
         noise = _noise_multiplier(config, spent, sample_rate, steps, instruction)
         event = DPEvent(noise, sample_rate, steps)
         stats["epsilon"] = check_budget(
-            spent, event, config.privacy.epsilon, config.privacy.delta, config.privacy.accountant
+            spent, event, config.reward_epsilon, config.privacy.delta, config.privacy.accountant
         )
         charge = store.begin_charge(run_id, instruction.phase, instruction.round, event)
         dp = DPSettings(noise, config.privacy.max_grad_norm)
@@ -176,7 +176,7 @@ def _noise_multiplier(
         return calibrate_noise_multiplier(
             spent,
             [(sample_rate, steps)] * remaining,
-            config.privacy.epsilon,
+            config.reward_epsilon,
             config.privacy.delta,
             config.privacy.accountant,
             previous=spent[-1].noise_multiplier if spent else None,

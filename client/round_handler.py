@@ -11,6 +11,7 @@ import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from client.policy_round import policy_round
 from client.reward_round import reward_round
 from client.store import PreferenceStore
 from common.config import RunConfig
@@ -38,7 +39,8 @@ def handle_round(msg: Message, context: Context) -> Message:
     arrays = parameters_to_ndarrays(fitins.parameters)
     with PreferenceStore(store_path(context, config)) as store:
         store.claim_round(instruction.run_key, instruction.server_round, where)
-        reply_arrays = reward_round(config, store, instruction, arrays, str(context.run_id), where)
+        run_round = policy_round if instruction.phase == "policy" else reward_round
+        reply_arrays = run_round(config, store, instruction, arrays, str(context.run_id), where)
     # num_examples travels in clear next to the masked arrays: it is always 1, so
     # the server learns nothing about a client's data size (counts are masked).
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(reply_arrays), 1, {})

@@ -62,6 +62,63 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """Policy rounds after the reward rounds: KL-constrained PPO, or DPO.
+
+    Every PPO detail is a named setting here (see :mod:`client.ppo_training`).
+    """
+
+    rounds: int = 10
+    """Policy rounds (0: the run ends after the reward model)."""
+    objective: str = "ppo"
+    """``ppo`` against the federation's reward model, or ``dpo`` on the local
+    comparisons (no reward model needed, reward rounds may be 0)."""
+    lora_rank: int = 4
+    lora_targets: str = "all-linear"
+    """The policy adapter's modules. LoRA on the attention projections alone barely
+    moves a small model's outputs; the MLPs carry most of what a policy changes."""
+    iterations: int = 4
+    """PPO iterations per round (rollouts, then updates), or DPO steps per round."""
+    batch_size: int = 32
+    """Expected prompts per PPO iteration (comparisons per DPO step); Poisson-sampled
+    under DP, so one prompt's rollout (one comparison) is one privacy unit."""
+    learning_rate: float = 1e-3
+    """Adam on the client, fresh each round."""
+    ppo_epochs: int = 4
+    minibatches: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_estimator: str = "k3"
+    """Per-token KL(policy || reference) in the reward: ``k1`` or ``k3``."""
+    kl_control: str = "adaptive"
+    """``adaptive`` (Ziegler et al.: beta steers the KL to kl-target) or ``fixed``."""
+    beta: float = 0.05
+    """Initial (or fixed) KL coefficient."""
+    kl_target: float = 4.0
+    """Target KL to the reference, in nats per response (summed over its tokens)."""
+    kl_horizon: float = 2000.0
+    """Rollouts over which the adaptive controller closes the KL error."""
+    kl_bound: float = 8.0
+    """Trust region: a round whose aggregated KL would pass this is scaled back or rejected."""
+    trust_region: str = "scale"
+    """``scale`` the step back to the bound, or ``reject`` the round."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    value_coef: float = 0.1
+    target_approx_kl: float = 0.1
+    """Without DP, stop a PPO iteration's epochs once the approximate KL to the
+    rollout policy passes this (off under DP: it would read private data)."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response cut off at max-new-tokens."""
+    whiten_advantages: bool = True
+    dpo_beta: float = 0.1
+    """DPO's inverse temperature (objective ``dpo``)."""
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Example-level DP-SGD on every client, accounted over the whole run."""
 
@@ -77,6 +134,10 @@ class PrivacyConfig:
     """``calibrated``: each round, pick the smallest noise multiplier with which the
     rounds still planned fit the remaining budget. ``fixed``: use noise_multiplier."""
     noise_multiplier: float = 1.0
+    """The reward phase's noise under ``fixed`` (the policy phase calibrates)."""
+    reward_share: float = 0.85
+    """When policy rounds follow, the reward phase plans to spend epsilon * reward-share;
+    the policy phase then plans its rounds to use what composition leaves of epsilon."""
     accountant: str = "rdp"
     """``rdp`` or ``prv`` (Opacus accountants)."""
 
@@ -135,6 +196,7 @@ class RunConfig:
     """Where the server writes checkpoints, state, metrics and the report."""
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -158,6 +220,19 @@ class RunConfig:
         """A copy with some flat keys overridden, e.g. ``replace(**{"reward.rounds": 3})``."""
         return RunConfig.from_flower({**self.to_flower(), **flat})
 
+    @property
+    def policy_model(self) -> ModelConfig:
+        """The model settings with the policy adapter's own LoRA shape."""
+        return dataclasses.replace(
+            self.model, lora_rank=self.policy.lora_rank, lora_targets=self.policy.lora_targets
+        )
+
+    @property
+    def reward_epsilon(self) -> float:
+        """The budget the reward phase plans to spend (all of it without policy rounds)."""
+        share = self.privacy.reward_share if self.policy.rounds > 0 else 1.0
+        return self.privacy.epsilon * share
+
     def validate(self) -> None:
         """Refuse values that are well-typed but meaningless."""
         checks = [
@@ -173,7 +248,37 @@ class RunConfig:
             (self.reward.optimizer in ("sgd", "adam"), "reward.optimizer must be 'sgd' or 'adam'"),
             (self.reward.learning_rate > 0, "reward.learning-rate must be > 0"),
             (0 <= self.reward.heldout_fraction < 1, "reward.heldout-fraction must be in [0, 1)"),
+            (self.policy.rounds >= 0, "policy.rounds must be >= 0"),
+            (self.policy.objective in ("ppo", "dpo"), "policy.objective must be 'ppo' or 'dpo'"),
+            (self.policy.lora_rank > 0, "policy.lora-rank must be > 0"),
+            (self.policy.iterations >= 1, "policy.iterations must be >= 1"),
+            (self.policy.batch_size >= 1, "policy.batch-size must be >= 1"),
+            (self.policy.learning_rate > 0, "policy.learning-rate must be > 0"),
+            (self.policy.ppo_epochs >= 1, "policy.ppo-epochs must be >= 1"),
+            (self.policy.minibatches >= 1, "policy.minibatches must be >= 1"),
+            (self.policy.max_new_tokens >= 1, "policy.max-new-tokens must be >= 1"),
+            (self.policy.temperature > 0, "policy.temperature must be > 0"),
+            (0 < self.policy.top_p <= 1, "policy.top-p must be in (0, 1]"),
+            (self.policy.kl_estimator in ("k1", "k3"), "policy.kl-estimator must be 'k1' or 'k3'"),
+            (
+                self.policy.kl_control in ("adaptive", "fixed"),
+                "policy.kl-control must be 'adaptive' or 'fixed'",
+            ),
+            (self.policy.beta >= 0, "policy.beta must be >= 0"),
+            (self.policy.kl_target > 0, "policy.kl-target must be > 0"),
+            (self.policy.kl_horizon > 0, "policy.kl-horizon must be > 0"),
+            (self.policy.kl_bound > 0, "policy.kl-bound must be > 0"),
+            (
+                self.policy.trust_region in ("scale", "reject"),
+                "policy.trust-region must be 'scale' or 'reject'",
+            ),
+            (0 < self.policy.gamma <= 1, "policy.gamma must be in (0, 1]"),
+            (0 <= self.policy.lam <= 1, "policy.lam must be in [0, 1]"),
+            (self.policy.clip_range > 0, "policy.clip-range must be > 0"),
+            (self.policy.value_clip_range > 0, "policy.value-clip-range must be > 0"),
+            (self.policy.dpo_beta > 0, "policy.dpo-beta must be > 0"),
             (self.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
+            (0 < self.privacy.reward_share <= 1, "privacy.reward-share must be in (0, 1]"),
             (0 < self.privacy.delta < 1, "privacy.delta must be in (0, 1)"),
             (self.privacy.max_grad_norm > 0, "privacy.max-grad-norm must be > 0"),
             (

@@ -326,3 +326,21 @@ def score_pairs(model: RewardModel, pairs: EncodedPairs, batch_size: int = 256) 
         rejected = model(pairs.rejected_ids[start:end], pairs.rejected_mask[start:end])
         margins.append(chosen - rejected)
     return torch.cat(margins) if margins else torch.zeros(0)
+
+
+@torch.no_grad()
+def score_responses(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The reward model's score r(prompt, response) for each response."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        ids, mask = encode_texts(tokenizer, prompts[start:end], responses[start:end], max_length)
+        scores.append(model(ids, mask))
+    return torch.cat(scores) if scores else torch.zeros(0)

@@ -13,14 +13,14 @@ from typing import Any
 from common.wire import WireError
 
 PROTOCOL_VERSION = 1
-PHASES = ("reward",)
+PHASES = ("reward", "policy")
 TASKS = ("train", "evaluate")
 
 
 @dataclass(frozen=True)
 class RoundInstruction:
     phase: str
-    """Which model the round trains: ``reward`` (``policy`` comes with PPO)."""
+    """Which model the round trains: ``reward`` or ``policy``."""
     task: str
     """``train``: evaluate the incoming model on held-out data, then train and send the
     update. ``evaluate``: only evaluate (the final model of a phase)."""
@@ -37,6 +37,8 @@ class RoundInstruction:
     """Random name the server gave this run: the scope of ``server_round``."""
     seed: int
     """The run's seed; clients derive theirs from it, the phase, round and attempt."""
+    beta: float = 0.0
+    """The KL coefficient of a PPO round (set by the server's KL controller)."""
     protocol: int = PROTOCOL_VERSION
 
     def to_config(self) -> dict[str, int | str]:
@@ -54,6 +56,7 @@ class RoundInstruction:
             "server_round": int,
             "run_key": str,
             "seed": int,
+            "beta": float,
             "protocol": int,
         }
         values: dict[str, Any] = {}
@@ -73,6 +76,10 @@ class RoundInstruction:
             raise WireError(f"{where}: unknown phase {instruction.phase!r}")
         if instruction.task not in TASKS:
             raise WireError(f"{where}: unknown task {instruction.task!r}")
+        if not (0.0 <= instruction.beta < float("inf")):
+            raise WireError(
+                f"{where}: field 'beta' must be finite and >= 0, got {instruction.beta}"
+            )
         if instruction.attempt < 1 or instruction.server_round < 1 or not instruction.run_key:
             raise WireError(f"{where}: attempt, server_round and run_key must be set")
         if not 1 <= instruction.round <= instruction.rounds:

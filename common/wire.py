@@ -140,6 +140,27 @@ REWARD_STATS = StatsLayout(
 ``eval_*`` describe the incoming global model on the client's held-out comparisons."""
 
 
+POLICY_STATS = StatsLayout(
+    (
+        ("rollouts", MAX_COUNT),
+        ("iterations", MAX_COUNT),
+        ("score", 100.0),
+        ("kl", 200.0),
+        ("kl_after", 200.0),
+        ("ended", 1.0),
+        ("entropy", 100.0),
+        ("policy_loss", 100.0),
+        ("value_loss", 1000.0),
+        ("clip_fraction", 1.0),
+        ("approx_kl", 100.0),
+        ("epsilon", 1000.0),
+    )
+)
+"""Whitelisted statistics a client returns from a policy round (inside the mask).
+``score``, ``kl`` and ``ended`` describe the incoming policy's rollouts (KL to the
+reference, summed over a response's tokens); ``kl_after`` the locally updated policy's."""
+
+
 def pack_update(
     update: Mapping[str, torch.Tensor], spec: Sequence[TensorSpec], stats: np.ndarray, clip: float
 ) -> list[np.ndarray]:

@@ -54,12 +54,17 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.comparisons:
         world = replace(world, comparisons_per_org=args.comparisons)
     options = SimulationOptions(
-        out_dir=Path(args.out), world=world, overrides=overrides, baselines=not args.no_baselines
+        out_dir=Path(args.out),
+        world=world,
+        overrides=overrides,
+        baselines=not args.no_baselines,
+        compare_dpo=args.compare_dpo,
     )
     if args.cache:
         options.cache_dir = Path(args.cache)
     report = run_simulation(options)
-    return 0 if all(report["checks"].values()) or not args.strict else 1
+    checks = {**report["checks"], **((report.get("policy") or {}).get("checks", {}))}
+    return 0 if all(checks.values()) or not args.strict else 1
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -140,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--no-baselines", action="store_true", help="skip the centralized and single-org baselines"
+    )
+    sim.add_argument(
+        "--compare-dpo",
+        action="store_true",
+        help="also run the policy phase as DPO (no reward rounds) on the same world, and compare",
     )
     sim.add_argument("--strict", action="store_true", help="exit 1 if any target check fails")
     sim.set_defaults(func=_simulate)

@@ -6,10 +6,14 @@ Layout::
       run_config.json             the flat run config of the run
       metrics.jsonl               one line per round (rewritten on resume)
       checkpoints/
-        reward-round-0003/
+        reward-round-0012/
           reward/                 PEFT save_pretrained layout + reward_head.safetensors
-          server_optimizer.safetensors
-          state.json              phase, rounds done, counters, metrics history
+          server_optimizer.safetensors   server optimizer state per phase
+          state.json              phase, rounds done, counters, beta, metrics history
+        policy-round-0004/
+          reward/                 the (frozen) reward model the policy rounds use
+          policy/                 PEFT layout + value_head.safetensors
+          ...
       LATEST                      name of the last complete checkpoint
       SERVER_ROUND                last round number sent (written before sending)
 
@@ -31,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.model import REWARD_ADAPTER, RewardModel
+from common.policy_model import POLICY_ADAPTER, VALUE_HEAD_FILE, PolicyModel
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "server_optimizer.safetensors"
@@ -46,8 +51,23 @@ class ServerState:
     run_key: str = ""
     """Random name of this run, fixed at its start: clients track rounds served per run."""
     seed: int = 0
+    reward_evaluated: bool = False
+    """The final reward model's evaluation round is done (the policy phase may start)."""
+    kl_controller: dict[str, float] = field(default_factory=dict)
+    """The KL controller's state (beta, target, horizon) after the last policy round."""
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    state: ServerState
+    reward: dict[str, torch.Tensor]
+    """The reward model's trainable tensors (``adapter.*``, ``head.*``)."""
+    policy: dict[str, torch.Tensor] | None
+    """The policy's (``adapter.*``, ``value.*``), from the policy phase on."""
+    optimizers: dict[str, dict[str, torch.Tensor]]
+    """Server optimizer state per phase."""
 
 
 class RunDirectory:
@@ -71,16 +91,23 @@ class RunDirectory:
         return target if (target / STATE_FILE).exists() else None
 
     def save(
-        self, state: ServerState, model: RewardModel, optimizer_state: dict[str, torch.Tensor]
+        self,
+        state: ServerState,
+        model: RewardModel,
+        optimizers: dict[str, dict[str, torch.Tensor]],
+        policy: PolicyModel | None = None,
     ) -> Path:
         name = f"{state.phase}-round-{state.round:04d}"
         final = self.checkpoints / name
         tmp = self.checkpoints / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        save_file(
-            {k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_FILE)
-        )
+        if policy is not None:
+            policy.save_pretrained(tmp)
+        flat = {
+            f"{phase}/{k}": v.contiguous() for phase, o in optimizers.items() for k, v in o.items()
+        }
+        save_file(flat, str(tmp / OPTIMIZER_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -88,18 +115,18 @@ class RunDirectory:
         self.write_metrics(state.history)
         return final
 
-    def load(
-        self, checkpoint: Path
-    ) -> tuple[ServerState, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """State, the trainable tensors of the reward model, and the optimizer state."""
+    def load(self, checkpoint: Path) -> Checkpoint:
         state = ServerState(**json.loads((checkpoint / STATE_FILE).read_text()))
-        adapter_dir = checkpoint / REWARD_ADAPTER
-        adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        head = load_file(str(adapter_dir / "reward_head.safetensors"))
-        tensors = {f"adapter.{k}": v for k, v in adapter.items()}
-        tensors.update({f"head.{k}": v for k, v in head.items()})
-        optimizer = load_file(str(checkpoint / OPTIMIZER_FILE))
-        return state, tensors, optimizer
+        reward = _adapter_tensors(checkpoint / REWARD_ADAPTER, "head", "reward_head.safetensors")
+        policy_dir = checkpoint / POLICY_ADAPTER
+        policy = (
+            _adapter_tensors(policy_dir, "value", VALUE_HEAD_FILE) if policy_dir.exists() else None
+        )
+        optimizers: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(str(checkpoint / OPTIMIZER_FILE)).items():
+            phase, name = key.split("/", 1)
+            optimizers.setdefault(phase, {})[name] = tensor
+        return Checkpoint(state, reward, policy, optimizers)
 
     def reserve_server_round(self, server_round: int) -> None:
         """Persist a round number before it is sent, so a restarted server never reuses it."""
@@ -111,6 +138,14 @@ class RunDirectory:
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         _atomic_write(self.metrics_file, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _adapter_tensors(adapter_dir: Path, head: str, head_file: str) -> dict[str, torch.Tensor]:
+    """An adapter folder's tensors under their wire names (``adapter.*``, ``<head>.*``)."""
+    adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    tensors = {f"adapter.{k}": v for k, v in adapter.items()}
+    tensors.update({f"{head}.{k}": v for k, v in load_file(str(adapter_dir / head_file)).items()})
+    return tensors
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,11 +1,18 @@
-"""The coordinator's loop: phases of rounds, each aggregated, checked, checkpointed.
+"""The coordinator's loop: reward rounds, then policy rounds, each aggregated,
+checked and checkpointed.
 
-Per round: sample clients, send the global adapter + head with the round
-instruction, aggregate the replies (SecAgg+ unless explicitly off), refuse an
-aggregate that fails the wire checks, apply the server optimizer, checkpoint, log.
-Each training round's statistics describe the *incoming* model on the clients'
-held-out comparisons; after the last round one evaluation-only round scores the
-final model. A restarted server resumes after the last complete checkpoint.
+Per round: sample clients, send the global tensors with the round instruction,
+aggregate the replies (SecAgg+ unless explicitly off), refuse an aggregate that
+fails the wire checks, apply the server optimizer, checkpoint, log. After the last
+round of a phase one evaluation-only round scores the final model.
+
+Reward rounds send the reward adapter + head; their statistics describe the
+*incoming* model on the clients' held-out comparisons. Policy rounds send the policy
+adapter + value head, the frozen reward model and the KL coefficient beta; the
+aggregated KL of the round's rollouts moves beta (the KL controller), and the
+aggregated KL of the clients' updated policies decides whether the step is taken,
+scaled back or rejected (the trust region). A restarted server resumes after the
+last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.model import RewardModel, build_reward_model, load_base
+from common.policy_model import PolicyModel, add_policy
 from common.protocol import RoundInstruction
 from common.wire import (
+    POLICY_STATS,
     REWARD_STATS,
+    StatsLayout,
     TensorSpec,
     WireError,
     from_named_arrays,
@@ -36,6 +46,7 @@ from common.wire import (
     unpack_update,
 )
 from server.checkpoints import RunDirectory, ServerState
+from server.kl_controller import AdaptiveKLController, FixedKLController, trust_region
 from server.rounds import RoundOutcome, run_plain_round, run_secure_round
 from server.server_optimizer import ServerOptimizer
 
@@ -58,9 +69,27 @@ class PhaseDriver:
         self.run = RunDirectory(self.config.run_dir)
         base, _ = load_base(self.config.model.base, seed=self.config.seed)
         self.model: RewardModel = build_reward_model(base, self.config.model, seed=self.config.seed)
-        self.spec: list[TensorSpec] = spec_of(self.model.trainable_state())
-        self.weights = {k: v.detach().clone() for k, v in self.model.trainable_state().items()}
-        self.optimizer = ServerOptimizer(self.config.server)
+        self.policy: PolicyModel = add_policy(
+            self.model.lm, self.config.policy_model, seed=self.config.seed + 1
+        )
+        self.spec: dict[str, list[TensorSpec]] = {
+            "reward": spec_of(self.model.trainable_state()),
+            "policy": spec_of(self.policy.trainable_state()),
+        }
+        self.weights: dict[str, dict[str, torch.Tensor]] = {
+            "reward": _copy(self.model.trainable_state()),
+            "policy": _copy(self.policy.trainable_state()),
+        }
+        self.optimizers = {
+            "reward": ServerOptimizer(self.config.server),
+            "policy": ServerOptimizer(self.config.server),
+        }
+        pc = self.config.policy
+        self.kl_controller = (
+            AdaptiveKLController(pc.beta, pc.kl_target, pc.kl_horizon)
+            if pc.kl_control == "adaptive"
+            else FixedKLController(pc.beta)
+        )
         self.state = ServerState(seed=self.config.seed)
         self.full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
 
@@ -72,16 +101,37 @@ class PhaseDriver:
             log.info("run in %s already finished; nothing to do", self.run.path)
             return self.state
         self._wait_for_nodes()
-        phase_rounds = self.config.reward.rounds
-        while self.state.round < phase_rounds:
-            self._train_round(self.state.round + 1, phase_rounds)
-        self._final_evaluation(phase_rounds)
+        reward_rounds, policy_rounds = self.config.reward.rounds, self.config.policy.rounds
+        if self.state.phase == "reward":
+            while self.state.round < reward_rounds:
+                self._train_round("reward", self.state.round + 1, reward_rounds)
+            if not self.state.reward_evaluated and reward_rounds > 0:
+                self._final_evaluation("reward", reward_rounds)
+            self.state.reward_evaluated = True
+            if policy_rounds > 0:
+                self.state.phase, self.state.round = "policy", 0
+                self._save()
+        if self.state.phase == "policy":
+            while self.state.round < policy_rounds:
+                self._train_round("policy", self.state.round + 1, policy_rounds)
+            self._final_evaluation("policy", policy_rounds)
         self.state.finished = True
-        self.run.save(self.state, self.model, self.optimizer.state_dict())
+        self._save()
         log.info(
-            "run finished: %d reward rounds; checkpoints in %s", phase_rounds, self.run.checkpoints
+            "run finished: %d reward rounds, %d policy rounds; checkpoints in %s",
+            reward_rounds,
+            policy_rounds,
+            self.run.checkpoints,
         )
         return self.state
+
+    def _save(self) -> None:
+        self.run.save(
+            self.state,
+            self.model,
+            {phase: o.state_dict() for phase, o in self.optimizers.items()},
+            self.policy if self.state.phase == "policy" else None,
+        )
 
     def _resume_or_start(self) -> None:
         self.run.write_run_config(self.config.to_flower())
@@ -89,19 +139,31 @@ class PhaseDriver:
         if latest is None:
             log.info("starting a new run in %s", self.run.path)
             self.state.run_key = secrets.token_hex(8)
-            self.run.save(self.state, self.model, self.optimizer.state_dict())
+            self.state.kl_controller = self.kl_controller.state_dict()
+            self._save()
             return
-        state, tensors, optimizer_state = self.run.load(latest)
-        self.weights = from_named_arrays(
-            {k: v.numpy() for k, v in tensors.items()}, self.spec, f"checkpoint {latest}"
-        )
-        self.model.load_trainable_state(self.weights)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.state = state
+        checkpoint = self.run.load(latest)
+        where = f"checkpoint {latest}"
+        self.weights["reward"] = self._checked(checkpoint.reward, "reward", where)
+        self.model.load_trainable_state(self.weights["reward"])
+        if checkpoint.policy is not None:
+            self.weights["policy"] = self._checked(checkpoint.policy, "policy", where)
+            self.policy.load_trainable_state(self.weights["policy"])
+        for phase, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(checkpoint.optimizers.get(phase, {}))
+        self.state = checkpoint.state
+        if self.state.kl_controller:
+            self.kl_controller.beta = self.state.kl_controller["beta"]
         # Rounds sent after the checkpoint were numbered too: never reuse their numbers.
-        self.state.server_round = max(state.server_round, self.run.last_server_round())
-        self.run.write_metrics(state.history)  # drop lines of rounds after the checkpoint
-        log.info("resuming from %s (%s round %d done)", latest.name, state.phase, state.round)
+        self.state.server_round = max(self.state.server_round, self.run.last_server_round())
+        self.run.write_metrics(self.state.history)  # drop lines of rounds after the checkpoint
+        log.info(
+            "resuming from %s (%s round %d done)", latest.name, self.state.phase, self.state.round
+        )
+
+    def _checked(self, tensors: dict[str, torch.Tensor], phase: str, where: str) -> dict:
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        return from_named_arrays(arrays, self.spec[phase], where)
 
     def _wait_for_nodes(self) -> None:
         need = self.config.federation.min_clients
@@ -125,9 +187,17 @@ class PhaseDriver:
         where = f"{instruction.seed}/{instruction.phase}/{instruction.round}/{instruction.attempt}"
         return sorted(random.Random(where).sample(nodes, count))
 
-    def _send(self, instruction: RoundInstruction, arrays: list[np.ndarray]) -> RoundOutcome:
+    def _outgoing(self, phase: str) -> list[np.ndarray]:
+        """Reward rounds: the reward model. Policy rounds: the policy, then the reward model."""
+        arrays = to_ndarrays(self.weights["reward"], self.spec["reward"])
+        if phase == "policy":
+            arrays = to_ndarrays(self.weights["policy"], self.spec["policy"]) + arrays
+        return arrays
+
+    def _send(self, instruction: RoundInstruction) -> RoundOutcome:
         nodes = self._sample(instruction)
         fed = self.config.federation
+        arrays = self._outgoing(instruction.phase)
         if fed.secure_aggregation:
             return run_secure_round(
                 self.grid,
@@ -149,25 +219,33 @@ class PhaseDriver:
             validate=lambda reply, where: self._unpack(reply, instruction, where),
         )
 
+    @staticmethod
+    def _layout(phase: str) -> StatsLayout:
+        return POLICY_STATS if phase == "policy" else REWARD_STATS
+
     def _reply_spec(self, instruction: RoundInstruction) -> list[TensorSpec]:
         """The arrays a client's reply holds: the update (training only), then stats."""
-        return [*(self.spec if instruction.task == "train" else []), REWARD_STATS.spec]
+        update = self.spec[instruction.phase] if instruction.task == "train" else []
+        return [*update, self._layout(instruction.phase).spec]
 
     def _unpack(self, arrays: list[np.ndarray], instruction: RoundInstruction, where: str):
-        spec = self.spec if instruction.task == "train" else []
+        spec = self.spec[instruction.phase] if instruction.task == "train" else []
         return unpack_update(
-            [np.asarray(a, dtype=np.float32) for a in arrays], spec, REWARD_STATS, where
+            [np.asarray(a, dtype=np.float32) for a in arrays],
+            spec,
+            self._layout(instruction.phase),
+            where,
         )
 
     def _attempt(
-        self, task: str, round_: int, rounds: int
+        self, phase: str, task: str, round_: int, rounds: int
     ) -> tuple[RoundOutcome, dict, dict[str, float]]:
         """Send one round (retrying a failed one); returns outcome, update, stat sums."""
         for attempt in range(1, MAX_ATTEMPTS_PER_ROUND + 1):
             self.state.server_round += 1
             self.run.reserve_server_round(self.state.server_round)
             instruction = RoundInstruction(
-                phase="reward",
+                phase=phase,
                 task=task,
                 round=round_,
                 rounds=rounds,
@@ -175,12 +253,13 @@ class PhaseDriver:
                 server_round=self.state.server_round,
                 run_key=self.state.run_key,
                 seed=self.config.seed,
+                beta=float(self.kl_controller.beta) if phase == "policy" else 0.0,
             )
-            arrays = to_ndarrays(self.weights, self.spec)
-            outcome = self._send(instruction, arrays)
+            outcome = self._send(instruction)
             for d in outcome.dropouts:
                 log.warning(
-                    "reward round %d: node %d dropped at %s: %s",
+                    "%s round %d: node %d dropped at %s: %s",
+                    phase,
                     round_,
                     d.node_id,
                     d.stage,
@@ -195,43 +274,68 @@ class PhaseDriver:
                         f"{self.config.federation.min_clients}"
                     )
                 update, stats = self._unpack(
-                    outcome.mean, instruction, f"aggregate of round {round_}"
+                    outcome.mean, instruction, f"aggregate of {phase} round {round_}"
                 )
             except (RoundFailed, WireError) as exc:
-                log.error("reward round %d attempt %d failed: %s", round_, attempt, exc)
+                log.error("%s round %d attempt %d failed: %s", phase, round_, attempt, exc)
                 continue
-            sums = {
-                k: v * len(outcome.survivors) for k, v in REWARD_STATS.decode_sum(stats).items()
-            }
+            n = len(outcome.survivors)
+            sums = {k: v * n for k, v in self._layout(phase).decode_sum(stats).items()}
             return outcome, update, sums
-        raise RoundFailed(f"reward round {round_} failed {MAX_ATTEMPTS_PER_ROUND} times; stopping")
+        raise RoundFailed(f"{phase} round {round_} failed {MAX_ATTEMPTS_PER_ROUND} times; stopping")
 
-    def _train_round(self, round_: int, rounds: int) -> None:
-        outcome, update, sums = self._attempt("train", round_, rounds)
-        self.weights = self.optimizer.step(self.weights, update)
-        self.model.load_trainable_state(self.weights)
+    def _train_round(self, phase: str, round_: int, rounds: int) -> None:
+        outcome, update, sums = self._attempt(phase, "train", round_, rounds)
+        extra: dict[str, Any] = {}
+        if phase == "policy":
+            n = len(outcome.survivors)
+            kl_current, kl_proposed = sums["kl"] / n, sums["kl_after"] / n
+            decision = trust_region(
+                kl_current,
+                kl_proposed,
+                self.config.policy.kl_bound,
+                self.config.policy.trust_region,
+            )
+            update = {name: u * decision.scale for name, u in update.items()}
+            beta_used = self.kl_controller.beta
+            self.kl_controller.update(kl_current, round(sums["rollouts"]))
+            self.state.kl_controller = self.kl_controller.state_dict()
+            extra = {
+                "beta": beta_used,
+                "next_beta": self.kl_controller.beta,
+                "trust_region_scale": decision.scale,
+                "trust_region": decision.reason,
+            }
+            if decision.scale < 1.0:
+                log.warning("policy round %d: trust region: %s", round_, decision.reason)
+        if any(u.abs().max() > 0 for u in update.values()):
+            self.weights[phase] = self.optimizers[phase].step(self.weights[phase], update)
+        target = self.policy if phase == "policy" else self.model
+        target.load_trainable_state(self.weights[phase])
         self.state.round = round_
         update_norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
-        self._record("train", round_, rounds, outcome, sums, update_norm)
-        self.run.save(self.state, self.model, self.optimizer.state_dict())
+        self._record(phase, "train", round_, rounds, outcome, sums, update_norm, extra)
+        self._save()
 
-    def _final_evaluation(self, rounds: int) -> None:
-        outcome, _, sums = self._attempt("evaluate", rounds, rounds)
-        self._record("evaluate", rounds, rounds, outcome, sums, 0.0)
+    def _final_evaluation(self, phase: str, rounds: int) -> None:
+        outcome, _, sums = self._attempt(phase, "evaluate", rounds, rounds)
+        extra = {"beta": self.kl_controller.beta} if phase == "policy" else {}
+        self._record(phase, "evaluate", rounds, rounds, outcome, sums, 0.0, extra)
 
     def _record(
         self,
+        phase: str,
         task: str,
         round_: int,
         rounds: int,
         outcome: RoundOutcome,
         sums: dict[str, float],
         update_norm: float,
+        extra: dict[str, Any],
     ) -> None:
         n = len(outcome.survivors)
-        pairs = round(sums["eval_pairs"])
         entry: dict[str, Any] = {
-            "phase": "reward",
+            "phase": phase,
             "task": task,
             "round": round_,
             "evaluated_model_round": round_ - 1 if task == "train" else round_,
@@ -240,34 +344,70 @@ class PhaseDriver:
             "dropped_nodes": sorted({d.node_id for d in outcome.dropouts}),
             "secure_aggregation": self.config.federation.secure_aggregation,
             "dp": self.config.privacy.enabled,
-            "fed_eval_pairs": pairs,
-            "fed_eval_accuracy": round(sums["eval_correct"]) / pairs if pairs else None,
-            "fed_eval_loss": sums["eval_loss_sum"] / pairs if pairs else None,
-            "train_loss": sums["train_loss"] / n if task == "train" else None,
             "epsilon_mean": sums["epsilon"] / n,
             "update_norm": update_norm,
             "bytes_down_per_client": max(outcome.bytes_down.values(), default=0),
             "bytes_up_per_client": max(outcome.bytes_up.values(), default=0),
-            "adapter_bytes": nbytes(self.spec),
+            "adapter_bytes": nbytes(self.spec[phase]),
             "full_model_bytes": self.full_model_bytes,
             "seconds": round(outcome.seconds, 3),
+            **(self._reward_figures if phase == "reward" else self._policy_figures)(task, sums, n),
+            **extra,
         }
         self.state.history.append(entry)
-        acc = entry["fed_eval_accuracy"]
+        dp = "" if self.config.privacy.enabled else " (DP OFF)"
+        traffic = (
+            f"{entry['bytes_down_per_client']} B down / {entry['bytes_up_per_client']} B up "
+            f"per client, {outcome.seconds:.1f} s"
+        )
+        if phase == "reward":
+            acc, loss = entry["fed_eval_accuracy"], entry["train_loss"]
+            figures = (
+                f"held-out accuracy of model {entry['evaluated_model_round']} "
+                f"{f'{acc:.4f}' if acc is not None else 'n/a'}, "
+                f"loss {f'{loss:.4f}' if loss is not None else '-'}"
+            )
+        else:
+            figures = (
+                f"score {entry['score']:.3f}, KL {entry['kl']:.3f}"
+                + (f" -> {entry['kl_after']:.3f}" if task == "train" else "")
+                + f", beta {entry['beta']:.4f}"
+                + (f", step x{entry['trust_region_scale']:.3f}" if task == "train" else "")
+            )
         log.info(
-            "reward round %d/%d %s: %d/%d clients, held-out accuracy of model %d %s, loss %s, "
-            "mean epsilon %.3f%s, %s B down / %s B up per client, %.1f s",
+            "%s round %d/%d %s: %d/%d clients, %s, mean epsilon %.3f%s, %s",
+            phase,
             round_,
             rounds,
             task,
             n,
             len(outcome.sampled),
-            entry["evaluated_model_round"],
-            f"{acc:.4f}" if acc is not None else "n/a",
-            f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-",
+            figures,
             entry["epsilon_mean"],
-            "" if self.config.privacy.enabled else " (DP OFF)",
-            entry["bytes_down_per_client"],
-            entry["bytes_up_per_client"],
-            outcome.seconds,
+            dp,
+            traffic,
         )
+
+    @staticmethod
+    def _reward_figures(task: str, sums: dict[str, float], n: int) -> dict[str, Any]:
+        pairs = round(sums["eval_pairs"])
+        return {
+            "fed_eval_pairs": pairs,
+            "fed_eval_accuracy": round(sums["eval_correct"]) / pairs if pairs else None,
+            "fed_eval_loss": sums["eval_loss_sum"] / pairs if pairs else None,
+            "train_loss": sums["train_loss"] / n if task == "train" else None,
+        }
+
+    @staticmethod
+    def _policy_figures(task: str, sums: dict[str, float], n: int) -> dict[str, Any]:
+        """Means over the round's clients of each client's figures."""
+        means = {k: v / n for k, v in sums.items() if k not in ("epsilon", "rollouts")}
+        means["rollouts"] = round(sums["rollouts"])
+        if task == "evaluate":
+            for key in ("kl_after", "entropy", "policy_loss", "value_loss", "clip_fraction"):
+                means.pop(key)
+        return means
+
+
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}

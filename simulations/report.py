@@ -40,8 +40,7 @@ def round_accuracies(config: RunConfig, run: RunDirectory, test: TestSet) -> dic
     model = build_reward_model(base, config.model, seed=config.seed)
     out = {}
     for checkpoint in sorted(run.checkpoints.glob("reward-round-*")):
-        _, tensors, _ = run.load(checkpoint)
-        model.load_trainable_state(tensors)
+        model.load_trainable_state(run.load(checkpoint).reward)
         out[int(checkpoint.name.rsplit("-", 1)[1])] = test.accuracy(model)
     return out
 
@@ -66,7 +65,11 @@ def build_report(
 ) -> dict[str, Any]:
     run = RunDirectory(run_dir)
     history = [
-        json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()
+        h
+        for h in (
+            json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()
+        )
+        if h["phase"] == "reward"
     ]
     accuracies = round_accuracies(config, run, test)
     eps = client_epsilons(config, stores)

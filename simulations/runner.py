@@ -29,6 +29,7 @@ from common.processes import APP_DIR, stop_process_tree, write_run_config
 from server.checkpoints import RunDirectory
 from simulations.baselines import build_test_set, train_non_dp
 from simulations.flower_runtime import SimulationSuperLink
+from simulations.policy_report import build_policy_report, plot_objectives
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
 from simulations.world import World, WorldConfig, bayes_accuracy
@@ -49,11 +50,15 @@ class SimulationOptions:
     cache_dir: Path = Path.home() / ".cache" / "fedrlhf"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     baselines: bool = True
+    compare_dpo: bool = False
+    """After the run, federate DPO on fresh copies of the same stores (no reward
+    rounds, the whole budget for the policy) and compare it with PPO."""
     timeout: float = 3600.0
 
 
 def fill_stores(world: World, config: RunConfig, stores_dir: Path) -> list[Path]:
-    """One store per organization, holding its annotators' comparisons."""
+    """One store per organization: its annotators' comparisons, and its prompts for
+    policy rounds."""
     shutil.rmtree(stores_dir, ignore_errors=True)
     paths = []
     for org in world.organizations:
@@ -68,6 +73,7 @@ def fill_stores(world: World, config: RunConfig, stores_dir: Path) -> list[Path]
                 ),
                 source="simulated",
             )
+            store.add_prompts(world.policy_prompts(org.index))
         paths.append(path)
     return paths
 
@@ -101,7 +107,12 @@ def federate(
     log_file = run_dir / "flower.log"
     config_file = write_run_config(run_dir / "run_config_overrides.toml", overrides)
     metrics = run_dir / "metrics.jsonl"
-    total = config.reward.rounds + 1
+    total = (
+        config.reward.rounds
+        + (config.reward.rounds > 0)
+        + config.policy.rounds
+        + (config.policy.rounds > 0)
+    )
     with SimulationSuperLink(flower_home, log_file) as superlink:
         process = superlink.run(APP_DIR, config_file, organizations, log_file)
         columns = (
@@ -121,17 +132,10 @@ def federate(
                         )
                     lines = metrics.read_text().splitlines() if metrics.exists() else []
                     if lines:
-                        last = json.loads(lines[-1])
-                        acc = last["fed_eval_accuracy"]
                         progress.update(
                             task,
                             completed=len(lines),
-                            description=(
-                                f"reward round {last['round']} {last['task']}: held-out acc "
-                                f"{acc:.3f}, epsilon {last['epsilon_mean']:.2f}"
-                                if acc is not None
-                                else "reward rounds"
-                            ),
+                            description=_progress_line(json.loads(lines[-1])),
                         )
                     time.sleep(1.0)
                 progress.update(
@@ -145,6 +149,37 @@ def federate(
         raise RuntimeError(
             f"the federated run failed (flwr exit code {process.returncode}); see {log_file}"
         )
+
+
+def _run_dpo(world: World, overrides: dict, run_dir: Path, options: SimulationOptions) -> dict:
+    """The policy phase as DPO on the same world: fresh stores, same comparisons."""
+    dpo_dir = run_dir / "dpo"
+    dpo_overrides = {
+        **overrides,
+        "run-dir": str(dpo_dir),
+        "client.store": str(dpo_dir / "stores" / "org-{partition-id}.sqlite"),
+        "reward.rounds": 0,
+        "policy.objective": "dpo",
+    }
+    config = RunConfig().replace(**dpo_overrides)
+    fill_stores(world, config, dpo_dir / "stores")
+    clear_run(dpo_dir)
+    console.print("[bold]DPO on the same world[/bold] (no reward rounds, the whole budget)")
+    federate(config, dpo_overrides, dpo_dir, options.world.organizations, options.timeout)
+    with console.status("generating with every DPO round's policy on held-out prompts"):
+        return build_policy_report(config, dpo_dir, world)
+
+
+def _progress_line(last: dict) -> str:
+    where = f"{last['phase']} round {last['round']} {last['task']}"
+    if last["phase"] == "policy":
+        return (
+            f"{where}: score {last['score']:.2f}, KL {last['kl']:.2f}, "
+            f"epsilon {last['epsilon_mean']:.2f}"
+        )
+    acc = last["fed_eval_accuracy"]
+    figure = f"held-out acc {acc:.3f}, " if acc is not None else ""
+    return f"{where}: {figure}epsilon {last['epsilon_mean']:.2f}"
 
 
 def clear_run(run_dir: Path) -> None:
@@ -192,6 +227,11 @@ def run_simulation(options: SimulationOptions) -> dict:
             "organization_tilts": [o.tilt for o in world.organizations],
         }
         report = build_report(config, run_dir, stores, test, baselines, world_info)
+    with console.status("generating with every round's policy on held-out prompts"):
+        report["policy"] = build_policy_report(config, run_dir, world)
+    if options.compare_dpo:
+        report["dpo"] = _run_dpo(world, overrides, run_dir, options)
+        plot_objectives(run_dir / "ppo_vs_dpo.png", {"ppo": report["policy"], "dpo": report["dpo"]})
     report["seconds"] = round(time.perf_counter() - started, 1)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _print_summary(report, run_dir)
@@ -217,7 +257,28 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         f"{report['adapter_bytes']:,} / {report['full_model_bytes']:,}",
     )
     table.add_row("wall time", f"{report['seconds']:.0f} s")
+    policy = report.get("policy")
+    if policy:
+        table.add_row(
+            f"policy ({policy['objective']}): true utility, reference -> final",
+            f"{policy['reference_true_utility']:.3f} -> {policy['final_true_utility']:.3f}",
+        )
+        table.add_row(
+            "utility gain in reference SDs", f"{policy['utility_gain_in_reference_sd']:+.2f}"
+        )
+        table.add_row(
+            "final KL to reference (target)",
+            f"{policy['final_kl_to_reference']:.2f} ({policy['kl_target']:g})",
+        )
+    dpo = report.get("dpo")
+    if dpo:
+        table.add_row(
+            "DPO instead: true utility, reference -> final",
+            f"{dpo['reference_true_utility']:.3f} -> {dpo['final_true_utility']:.3f} "
+            f"({dpo['utility_gain_in_reference_sd']:+.2f} SD, KL {dpo['final_kl_to_reference']:.2f})",
+        )
     console.print(table)
-    for check, ok in report["checks"].items():
+    checks = {**report["checks"], **(policy["checks"] if policy else {})}
+    for check, ok in checks.items():
         console.print(f"  {'[green]PASS' if ok else '[red]FAIL'}[/] {check}")
     console.print(f"report: {run_dir / 'report.json'}; plots: {run_dir}/*.png")

@@ -57,6 +57,21 @@ QUESTION_TEMPLATES = [
     "What should I do about the {obj}?",
     "Can you help me with my {obj}?",
 ]
+GREETINGS = ["", "Hello.", "Hey.", "Good morning.", "Hi team.", "Quick question."]
+SITUATIONS = [
+    "",
+    "I am new to this.",
+    "This is urgent.",
+    "My friend asked me.",
+    "I tried before.",
+    "I have little time.",
+]
+PROMPT_CONTEXTS = [f"{g} {s}".strip() for g in GREETINGS for s in SITUATIONS]
+"""Optional first sentences that make prompts distinct (a prompt is a privacy unit
+in policy rounds, and a store holds each prompt text once): 36 x 80 prompts."""
+HELDOUT_CONTEXTS = ["Hi there.", "One more thing."]
+"""Contexts of the held-out prompts on which policies are judged: in the base's
+pretraining text, never in any organization's store."""
 QUALITY = {"good": 1.0, "vague": 0.0, "wrong": -1.0}
 
 # Style phrases: slot -> phrase -> style features it carries.
@@ -106,6 +121,9 @@ class WorldConfig:
     comparisons_per_org: int = 2000
     """Local comparisons each organization holds (train + held-out)."""
     prompts_per_org: int = 60
+    """Prompts an organization's comparisons are about (drawn with replacement)."""
+    policy_prompts_per_org: int = 2000
+    """Distinct prompts in each store for policy rounds (PPO's privacy units)."""
     test_pairs_per_org: int = 400
     """Pairs per organization in the simulation's global test set (never in a store)."""
     topic_concentration: float = 0.5
@@ -123,7 +141,7 @@ class WorldConfig:
     def text_fingerprint(self) -> str:
         """Identifies the world's *text* distribution (what the base model is trained on)."""
         text_fields = {k: asdict(self)[k] for k in ("answer_on_topic", "slot_presence", "seed")}
-        grammar = [TOPICS, STYLE, QUESTION_TEMPLATES]
+        grammar = [TOPICS, STYLE, QUESTION_TEMPLATES, PROMPT_CONTEXTS, HELDOUT_CONTEXTS]
         return hashlib.sha256(
             json.dumps([text_fields, grammar], sort_keys=True).encode()
         ).hexdigest()[:12]
@@ -171,13 +189,20 @@ PHRASES = _phrase_index()
 _BY_LENGTH = sorted(PHRASES, key=len, reverse=True)
 
 
-def all_prompts() -> list[str]:
+def all_prompts(contexts: list[str] = PROMPT_CONTEXTS) -> list[str]:
+    """Every prompt of the grammar with one of ``contexts`` as its first sentence."""
     return [
-        t.format(obj=obj)
+        f"{context} {t.format(obj=obj)}".strip()
+        for context in contexts
         for spec in TOPICS.values()
         for obj in spec["objects"]
         for t in QUESTION_TEMPLATES
     ]
+
+
+def heldout_prompts() -> list[str]:
+    """Prompts no store holds, for judging policies' generations."""
+    return all_prompts(HELDOUT_CONTEXTS)
 
 
 def topic_of(prompt: str) -> str | None:
@@ -262,10 +287,26 @@ class World:
         w = self.organizations[org].weights()
         return float(sum(w[f] * v for f, v in features(prompt, response).items()))
 
+    def federation_utility(self, prompt: str, response: str) -> float:
+        """The true utility a policy is judged by: the organizations' mean."""
+        feats = features(prompt, response)
+        weights = [o.weights() for o in self.organizations]
+        return float(np.mean([sum(w[f] * v for f, v in feats.items()) for w in weights]))
+
+    def policy_prompts(self, org: int) -> list[str]:
+        """The organization's distinct prompts for policy rounds, from its topic mix."""
+        rng = np.random.default_rng([self.config.seed, 3, org])
+        prompts = all_prompts()
+        mix = dict(zip(TOPICS, self.organizations[org].topic_mix, strict=True))
+        weights = np.array([mix[topic_of(p)] for p in prompts]) + 1e-9
+        count = min(self.config.policy_prompts_per_org, len(prompts))
+        picked = rng.choice(len(prompts), size=count, replace=False, p=weights / weights.sum())
+        return [prompts[i] for i in sorted(picked)]
+
     def corpus(self, size: int, seed: int) -> list[str]:
         """Prompt/response texts for pretraining the base model (no preferences in it)."""
         rng = np.random.default_rng(seed)
-        prompts = all_prompts()
+        prompts = all_prompts(PROMPT_CONTEXTS + HELDOUT_CONTEXTS)
         return [
             f"{p}\n{self.sample_response(p, rng)}"
             for p in (str(rng.choice(prompts)) for _ in range(size))

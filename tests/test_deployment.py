@@ -149,6 +149,10 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
                     "run-dir": json.dumps(str(run_dir)),
                     "reward.rounds": ROUNDS,
                     "reward.batch-size": 32,
+                    "policy.rounds": 1,
+                    "policy.iterations": 1,
+                    "policy.batch-size": 8,
+                    "policy.max-new-tokens": 12,
                     "federation.min-clients": ORGS,
                     "federation.node-wait-timeout": 120.0,
                 }.items()
@@ -179,9 +183,11 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
 
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # The restarted ServerApp finished the run with the planned number of rounds.
-    assert [(h["task"], h["round"]) for h in history] == [
-        *(("train", r) for r in range(1, ROUNDS + 1)),
-        ("evaluate", ROUNDS),
+    assert [(h["phase"], h["task"], h["round"]) for h in history] == [
+        *(("reward", "train", r) for r in range(1, ROUNDS + 1)),
+        ("reward", "evaluate", ROUNDS),
+        ("policy", "train", 1),
+        ("policy", "evaluate", 1),
     ]
     assert all(h["survivors"] == ORGS and h["secure_aggregation"] and h["dp"] for h in history)
     output = launch.stdout + launch.stderr
@@ -195,10 +201,12 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
     for store_path in stores:
         with PreferenceStore(store_path) as store:
             spent = epsilon(store.privacy_events(), 1e-5)
-            statuses = [e.status for e in store.ledger()]
+            ledger = store.ledger()
+        statuses = [e.status for e in ledger]
         # Every round trained once; a round 2 the killed ServerApp had begun may have
         # trained too, and counts (its charge pending if the client was cut off).
-        assert statuses[:ROUNDS] == ["committed"] * ROUNDS and len(statuses) <= ROUNDS + 1
+        assert statuses[:ROUNDS] == ["committed"] * ROUNDS and len(statuses) <= ROUNDS + 2
+        assert ledger[-1].phase == "policy" and statuses[-1] == "committed"
         assert 0 < spent <= 8.0
     assert not [pid for pid in fleet.seen_pids if alive(pid)], "processes left running"
     shown.append(f"stopped {len(fleet.seen_pids)} processes by PID; none left running")

@@ -56,6 +56,7 @@ def run_config(tiny_base_dir, run_dir, **overrides) -> dict:
             "run-dir": str(run_dir),
             "reward.rounds": 2,
             "reward.batch-size": 8,
+            "policy.rounds": 0,
             "federation.min-clients": 2,
             "federation.round-timeout": 60.0,
             **overrides,
@@ -87,8 +88,11 @@ def test_secagg_round_equals_plain_fedavg(tiny_base_dir, tmp_path):
     plain, _, _, _ = run(
         tiny_base_dir, tmp_path, "plain", **{"federation.secure-aggregation": False}
     )
-    assert_equal_within_quantization(secure.weights, plain.weights)
-    moved = sum((secure.weights[n] - plain.weights[n]).numel() for n in secure.weights)
+    assert_equal_within_quantization(secure.weights["reward"], plain.weights["reward"])
+    moved = sum(
+        (secure.weights["reward"][n] - plain.weights["reward"][n]).numel()
+        for n in secure.weights["reward"]
+    )
     assert moved > 0
     # Metrics through the mask equal the plain ones (counts exactly).
     for a, b in zip(secure.state.history, plain.state.history, strict=True):
@@ -240,8 +244,8 @@ def test_clients_refuse_malformed_global_weights(tiny_base_dir, tmp_path):
     flat = run_config(tiny_base_dir, tmp_path / "hostile" / "run")
     grid = InProcessGrid(stores, flat)
     driver = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
-    name = driver.spec[0].name
-    driver.weights[name] = torch.full_like(driver.weights[name], float("inf"))
+    name = driver.spec["reward"][0].name
+    driver.weights["reward"][name] = torch.full_like(driver.weights["reward"][name], float("inf"))
     with pytest.raises(RuntimeError, match="failed 3 times"):
         driver.run_all()
     reasons = [m.error.reason for _, m in grid.sent_by_clients if m.has_error()]
@@ -267,7 +271,7 @@ def test_restarted_server_resumes_and_ends_like_an_uninterrupted_run(tiny_base_d
     resumed = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
     state = resumed.run_all()
     assert state.finished and [h["round"] for h in state.history] == [1, 2, 3, 3]
-    assert_equal_within_quantization(resumed.weights, straight.weights)
+    assert_equal_within_quantization(resumed.weights["reward"], straight.weights["reward"])
 
 
 def test_client_refuses_a_replayed_round_before_touching_its_data(tiny_base_dir, tmp_path):

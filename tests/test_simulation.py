@@ -33,9 +33,20 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
     options = SimulationOptions(
         out_dir=tmp_path / "run",
         world=replace(
-            WorldConfig(), organizations=3, comparisons_per_org=120, test_pairs_per_org=40
+            WorldConfig(),
+            organizations=3,
+            comparisons_per_org=120,
+            test_pairs_per_org=40,
+            policy_prompts_per_org=40,
         ),
-        overrides={"reward.rounds": 2, "reward.batch-size": 32},
+        overrides={
+            "reward.rounds": 2,
+            "reward.batch-size": 32,
+            "policy.rounds": 2,
+            "policy.iterations": 2,
+            "policy.batch-size": 8,
+            "policy.max-new-tokens": 12,
+        },
         cache_dir=tmp_path / "cache",
         pretrain=PretrainConfig(corpus_size=1000, steps=30),
         baselines=False,
@@ -44,15 +55,26 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
     report = run_simulation(options)
     run_dir = tmp_path / "run"
 
-    # Two training rounds and the final evaluation, all three clients every time.
+    # Two training rounds and the final evaluation per phase, all three clients every time.
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(h["task"], h["round"]) for h in history] == [
-        ("train", 1),
-        ("train", 2),
-        ("evaluate", 2),
+    assert [(h["phase"], h["task"], h["round"]) for h in history] == [
+        ("reward", "train", 1),
+        ("reward", "train", 2),
+        ("reward", "evaluate", 2),
+        ("policy", "train", 1),
+        ("policy", "train", 2),
+        ("policy", "evaluate", 2),
     ]
     assert all(h["survivors"] == 3 and h["secure_aggregation"] and h["dp"] for h in history)
-    assert history[-1]["fed_eval_pairs"] > 0
+    assert history[2]["fed_eval_pairs"] > 0
+
+    # The policy section: the reference (round 0) and each round judged by the truth.
+    policy = report["policy"]
+    assert [r["round"] for r in policy["rounds"]] == [0, 1, 2]
+    assert policy["rounds"][0]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert policy["rounds"][-1]["kl_to_reference"] > 0
+    assert all(r["true_utility_sd"] > 0 for r in policy["rounds"])
+    assert set(policy["checks"]) >= {"final policy's true utility above the reference's"}
 
     # Privacy: every client's ledger composes to at most the budget, and it was used.
     for i in range(3):
@@ -67,11 +89,12 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
         [report["epsilon_per_client"][0]] * 3, rel=0.2
     )
 
-    # The final adapter loads with PEFT on the base the run used.
+    # The final adapters load with PEFT on the base the run used.
     base_dir = json.loads((run_dir / "run_config.json").read_text())["model.base"]
-    adapter = run_dir / "checkpoints" / "reward-round-0002" / "reward"
-    base, _ = load_base(base_dir)
-    assert isinstance(PeftModel.from_pretrained(base, str(adapter)), PeftModel)
+    for adapter in ("reward-round-0002/reward", "policy-round-0002/policy"):
+        base, _ = load_base(base_dir)
+        path = run_dir / "checkpoints" / adapter
+        assert isinstance(PeftModel.from_pretrained(base, str(path)), PeftModel)
 
     for name in (
         "report.json",
@@ -79,6 +102,8 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
         "reward_accuracy.png",
         "epsilon_per_client.png",
         "bytes_per_round.png",
+        "policy_rounds.png",
+        "policy_utility_vs_kl.png",
     ):
         assert (run_dir / name).stat().st_size > 0, name
 

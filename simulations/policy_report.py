@@ -1,0 +1,197 @@
+"""The policy part of the simulation's report: what the policy rounds bought, in truth.
+
+Every policy checkpoint (round 0 is the fresh adapter, i.e. the reference) generates
+responses to the world's held-out prompts, which no store holds. Each response is
+scored by the world's hidden utility (the organizations' mean), by the federation's
+reward model, and its KL to the reference is measured on the same samples. The
+round lines join the server's metrics (beta, trust region, the clients' aggregated
+KL and score) and the plots show utility and KL per round, and utility against KL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from client.ppo_training import SamplingSettings, generate_rollouts  # noqa: E402
+from common.config import RunConfig  # noqa: E402
+from common.model import build_reward_model, load_base, score_responses  # noqa: E402
+from common.policy_model import add_policy  # noqa: E402
+from common.ppo import kl_per_token  # noqa: E402
+from server.checkpoints import RunDirectory  # noqa: E402
+from simulations.world import World, heldout_prompts  # noqa: E402
+
+EVAL_SAMPLES_PER_PROMPT = 2
+EVAL_SEED = 12345
+"""Every checkpoint samples with the same seed: differences are the policy's."""
+
+
+def policy_rounds(config: RunConfig, run_dir: Path, world: World) -> list[dict[str, Any]]:
+    """True utility, reward score and KL of each policy checkpoint's generations."""
+    run = RunDirectory(run_dir)
+    checkpoints = sorted(run.checkpoints.glob("policy-round-*"))
+    if not checkpoints:
+        return []
+    base, tokenizer = load_base(config.model.base, seed=config.seed)
+    reward = build_reward_model(base, config.model, seed=config.seed)
+    policy = add_policy(reward.lm, config.policy_model, seed=config.seed + 1)
+    prompts = heldout_prompts() * EVAL_SAMPLES_PER_PROMPT
+    sampling = SamplingSettings.of(config.policy)
+    history = [
+        json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()
+    ]
+    trained = {h["round"]: h for h in history if h["phase"] == "policy" and h["task"] == "train"}
+    rows = []
+    for checkpoint in checkpoints:
+        saved = run.load(checkpoint)
+        reward.load_trainable_state(saved.reward)
+        policy.load_trainable_state(saved.policy)
+        round_ = int(checkpoint.name.rsplit("-", 1)[1])
+
+        def score(p, r):  # noqa: ANN001, ANN202
+            return score_responses(reward, tokenizer, p, r, config.model.max_length)
+
+        rollouts = generate_rollouts(policy, tokenizer, prompts, score, sampling, EVAL_SEED)
+        utility = np.array(
+            [
+                world.federation_utility(p, r)
+                for p, r in zip(prompts, rollouts.responses, strict=True)
+            ]
+        )
+        kl = kl_per_token(rollouts.logp_old, rollouts.logp_ref, "k1") * rollouts.response_mask
+        server = trained.get(round_ + 1, {})  # round r + 1 started from this checkpoint
+        rows.append(
+            {
+                "round": round_,
+                "true_utility_mean": float(utility.mean()),
+                "true_utility_sd": float(utility.std()),
+                "reward_score_mean": float(rollouts.scores.mean()),
+                "kl_to_reference": float(kl.sum(dim=1).mean()),
+                "ended_share": float(rollouts.ended.float().mean()),
+                "beta": server.get("beta", saved.state.kl_controller.get("beta")),
+                "clients_score": server.get("score"),
+                "clients_kl": server.get("kl"),
+                "trust_region_scale": trained.get(round_, {}).get("trust_region_scale"),
+                "epsilon_mean": trained.get(round_, {}).get("epsilon_mean"),
+                "example": f"{prompts[0]} -> {rollouts.responses[0]}",
+            }
+        )
+    return rows
+
+
+def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline figures and checks of the policy phase."""
+    reference, final = rows[0], rows[-1]
+    gain = final["true_utility_mean"] - reference["true_utility_mean"]
+    margin = gain / reference["true_utility_sd"] if reference["true_utility_sd"] > 0 else 0.0
+    target = config.policy.kl_target
+    summary = {
+        "objective": config.policy.objective,
+        "reference_true_utility": reference["true_utility_mean"],
+        "reference_true_utility_sd": reference["true_utility_sd"],
+        "final_true_utility": final["true_utility_mean"],
+        "final_true_utility_sd": final["true_utility_sd"],
+        "utility_gain_in_reference_sd": margin,
+        "final_kl_to_reference": final["kl_to_reference"],
+        "kl_target": target,
+        "kl_bound": config.policy.kl_bound,
+        "final_beta": final["beta"],
+    }
+    summary["checks"] = {
+        "final policy's true utility above the reference's": gain > 0,
+        "true utility gain >= 1 reference SD": margin >= 1.0,
+    }
+    if config.policy.objective == "ppo" and config.policy.kl_control == "adaptive":
+        summary["checks"]["final KL within 50% of the KL target"] = (
+            abs(final["kl_to_reference"] - target) <= 0.5 * target
+        )
+    return summary
+
+
+def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) -> None:
+    rounds = [r["round"] for r in rows]
+    mean = np.array([r["true_utility_mean"] for r in rows])
+    sd = np.array([r["true_utility_sd"] for r in rows])
+    kl = [r["kl_to_reference"] for r in rows]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    top.plot(rounds, mean, marker="o", label="policy's generations (mean)")
+    top.fill_between(rounds, mean - sd, mean + sd, alpha=0.15, label="+-1 SD")
+    top.axhline(mean[0], color="black", linestyle="--", label="reference (base model)")
+    top.axhline(mean[0] + sd[0], color="gray", linestyle=":", label="reference + 1 SD")
+    top.set_ylabel("true utility (held-out prompts)")
+    top.set_title(f"Policy rounds ({config.policy.objective}): true utility and KL")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(rounds, kl, marker="s", color="tab:orange", label="KL to reference")
+    if config.policy.objective == "ppo":
+        bottom.axhline(config.policy.kl_target, color="green", linestyle="--", label="KL target")
+    bottom.axhline(config.policy.kl_bound, color="red", linestyle=":", label="trust-region bound")
+    bottom.set_xlabel("policy round")
+    bottom.set_ylabel("KL (nats per response)")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "policy_rounds.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(kl, mean, marker="o")
+    for r, x, y in zip(rounds, kl, mean, strict=True):
+        ax.annotate(str(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL to reference (nats per response)")
+    ax.set_ylabel("true utility (mean)")
+    ax.set_title("Utility bought per nat of KL (labels: round)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "policy_utility_vs_kl.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
+    """True utility and KL per round of several runs' policy phases (PPO vs DPO)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, report in reports.items():
+        rows = report["rounds"]
+        rounds = [r["round"] for r in rows]
+        left.plot(rounds, [r["true_utility_mean"] for r in rows], marker="o", label=name)
+        right.plot(rounds, [r["kl_to_reference"] for r in rows], marker="s", label=name)
+    reference = next(iter(reports.values()))
+    left.axhline(
+        reference["reference_true_utility"], color="black", linestyle="--", label="reference"
+    )
+    left.axhline(
+        reference["reference_true_utility"] + reference["reference_true_utility_sd"],
+        color="gray",
+        linestyle=":",
+        label="reference + 1 SD",
+    )
+    left.set_xlabel("policy round")
+    left.set_ylabel("true utility (held-out prompts)")
+    right.set_xlabel("policy round")
+    right.set_ylabel("KL to reference (nats per response)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Same world, same budget: PPO (after reward rounds) vs DPO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def build_policy_report(config: RunConfig, run_dir: Path, world: World) -> dict[str, Any] | None:
+    """The ``policy`` section of report.json (None when the run had no policy rounds)."""
+    rows = policy_rounds(config, run_dir, world)
+    if not rows:
+        return None
+    plot_policy(run_dir, rows, config)
+    return {**policy_summary(config, rows), "rounds": rows}

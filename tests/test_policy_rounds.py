@@ -1,0 +1,172 @@
+"""Policy rounds after reward rounds, through the real SecAgg+ workflow and ClientApp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from client.store import PreferenceStore
+from common.config import RunConfig
+from common.model import load_base
+from common.privacy import epsilon
+from server.checkpoints import RunDirectory
+from server.kl_controller import ERROR_CLIP
+from server.phase_driver import PhaseDriver
+from tests.inprocess_grid import InProcessGrid
+from tests.test_secure_rounds import make_stores, run_config
+
+POLICY = {
+    "reward.rounds": 1,
+    "policy.rounds": 2,
+    "policy.iterations": 2,
+    "policy.batch-size": 8,
+    "policy.max-new-tokens": 8,
+    "policy.learning-rate": 0.01,
+    "policy.kl-horizon": 50.0,
+}
+
+
+def run_policy(tiny_base_dir, tmp_path, name, drop=lambda node, message: False, **overrides):
+    stores = make_stores(tmp_path / "stores")
+    flat = run_config(tiny_base_dir, tmp_path / name / "run", **{**POLICY, **overrides})
+    grid = InProcessGrid(stores, flat, drop=drop)
+    driver = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
+    return driver, driver.run_all(), grid, stores
+
+
+def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
+    tiny_base_dir, tmp_path
+):
+    driver, state, _, stores = run_policy(tiny_base_dir, tmp_path, "ppo")
+    assert [(h["phase"], h["task"], h["round"]) for h in state.history] == [
+        ("reward", "train", 1),
+        ("reward", "evaluate", 1),
+        ("policy", "train", 1),
+        ("policy", "train", 2),
+        ("policy", "evaluate", 2),
+    ]
+    policy_rounds = [h for h in state.history if h["phase"] == "policy" and h["task"] == "train"]
+    config = driver.config.policy
+    beta = config.beta
+    for h in policy_rounds:
+        assert h["survivors"] == 3 and h["rollouts"] > 0 and h["kl_after"] >= 0
+        assert h["beta"] == pytest.approx(beta)
+        error = min(max(h["kl"] / config.kl_target - 1, -ERROR_CLIP), ERROR_CLIP)
+        beta *= 1 + error * h["rollouts"] / config.kl_horizon
+        assert h["next_beta"] == pytest.approx(beta)
+        assert h["trust_region_scale"] == 1.0 and h["update_norm"] > 0
+    assert state.kl_controller["beta"] == pytest.approx(beta)
+
+    # The policy moved; the reward model did not move in the policy rounds.
+    run = RunDirectory(driver.config.run_dir)
+    start = run.load(run.checkpoints / "policy-round-0000")
+    final = run.load(run.checkpoints / "policy-round-0002")
+    moved = [n for n in start.policy if not torch.equal(start.policy[n], final.policy[n])]
+    assert len(moved) == len(start.policy)
+    assert all(torch.equal(start.reward[n], final.reward[n]) for n in start.reward)
+    assert final.state.kl_controller["beta"] == pytest.approx(beta)
+
+    # The final adapter loads with PEFT alone and generates.
+    base, tokenizer = load_base(str(tiny_base_dir))
+    model = PeftModel.from_pretrained(base, str(run.checkpoints / "policy-round-0002" / "policy"))
+    ids = tokenizer(["question 0-1?\n"], return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+    # One ledger: the reward phase kept to its share, the whole run to the budget.
+    run_config_ = driver.config
+    for node_config in stores.values():
+        with PreferenceStore(node_config["store"]) as store:
+            ledger = store.ledger()
+        assert [e.phase for e in ledger] == ["reward", "policy", "policy"]
+        assert all(e.status == "committed" for e in ledger)
+        reward_eps = epsilon([ledger[0].event], 1e-5)
+        total = epsilon([e.event for e in ledger], 1e-5)
+        assert reward_eps <= run_config_.reward_epsilon + 1e-6
+        assert reward_eps < total <= run_config_.privacy.epsilon + 1e-6
+        assert ledger[1].event.noise_multiplier == ledger[2].event.noise_multiplier
+
+
+def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(tiny_base_dir, tmp_path):
+    driver, state, _, _ = run_policy(
+        tiny_base_dir,
+        tmp_path,
+        "reject",
+        **{
+            "policy.kl-bound": 1e-6,
+            "policy.trust-region": "reject",
+            "policy.rounds": 1,
+            "federation.secure-aggregation": False,  # exact KL figures, no quantization
+        },
+    )
+    (h,) = [h for h in state.history if h["phase"] == "policy" and h["task"] == "train"]
+    assert h["kl_after"] > 1e-6 and h["trust_region_scale"] == 0.0
+    assert h["trust_region"].startswith("rejected") and h["update_norm"] == 0.0
+    run = RunDirectory(driver.config.run_dir)
+    start = run.load(run.checkpoints / "policy-round-0000").policy
+    final = run.load(run.checkpoints / "policy-round-0001").policy
+    assert all(torch.equal(start[n], final[n]) for n in start)
+
+
+def test_trust_region_scales_a_step_back_to_the_bound(tiny_base_dir, tmp_path):
+    plain = {"federation.secure-aggregation": False, "policy.rounds": 1}
+    free, _, _, _ = run_policy(tiny_base_dir, tmp_path, "free", **plain)
+    (h_free,) = [h for h in free.state.history if h["phase"] == "policy" and h["task"] == "train"]
+    bound = h_free["kl"] + 0.5 * (h_free["kl_after"] - h_free["kl"])
+    scaled, _, _, _ = run_policy(
+        tiny_base_dir, tmp_path, "scaled", **plain, **{"policy.kl-bound": bound}
+    )
+    (h,) = [h for h in scaled.state.history if h["phase"] == "policy" and h["task"] == "train"]
+    assert h["trust_region_scale"] == pytest.approx(0.5, abs=1e-3)
+    assert h["update_norm"] == pytest.approx(0.5 * h_free["update_norm"], rel=1e-3)
+
+
+def test_dpo_objective_trains_the_policy_on_local_comparisons(tiny_base_dir, tmp_path):
+    driver, state, _, stores = run_policy(
+        tiny_base_dir, tmp_path, "dpo", **{"policy.objective": "dpo", "reward.rounds": 0}
+    )
+    assert [(h["phase"], h["task"]) for h in state.history] == [
+        ("policy", "train"),
+        ("policy", "train"),
+        ("policy", "evaluate"),
+    ]
+    assert all(h["update_norm"] > 0 for h in state.history if h["task"] == "train")
+    for node_config in stores.values():
+        with PreferenceStore(node_config["store"]) as store:
+            ledger = store.ledger()
+        assert [e.phase for e in ledger] == ["policy", "policy"]
+        # Without reward rounds the policy phase may spend the whole budget.
+        assert 7.0 < epsilon([e.event for e in ledger], 1e-5) <= 8.0 + 1e-6
+
+
+def test_restarted_server_resumes_policy_rounds_with_beta(tiny_base_dir, tmp_path):
+    overrides = {"federation.secure-aggregation": False, "policy.rounds": 3}
+    straight, _, _, _ = run_policy(tiny_base_dir, tmp_path, "straight", **overrides)
+
+    stores = make_stores(tmp_path / "stores")
+    flat = run_config(tiny_base_dir, tmp_path / "resumed" / "run", **{**POLICY, **overrides})
+    # Server rounds: reward 1 + evaluation = 2, policy round 1 = 3; round 2 never arrives.
+    broken = InProcessGrid(
+        stores, flat, drop=lambda node, message: int(message.metadata.group_id) >= 4
+    )
+    with pytest.raises(RuntimeError, match="failed 3 times"):
+        PhaseDriver(broken, broken.server_context, RunConfig.from_flower(flat)).run_all()
+    assert RunDirectory(tmp_path / "resumed" / "run").latest().name == "policy-round-0001"
+
+    grid = InProcessGrid(stores, flat)
+    grid.contexts = broken.contexts
+    resumed = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat))
+    state = resumed.run_all()
+    assert [(h["phase"], h["round"]) for h in state.history][-4:] == [
+        ("policy", 1),
+        ("policy", 2),
+        ("policy", 3),
+        ("policy", 3),
+    ]
+    policy_rounds = [h for h in state.history if h["phase"] == "policy" and h["task"] == "train"]
+    assert policy_rounds[1]["beta"] == pytest.approx(policy_rounds[0]["next_beta"])
+    # Same seeds for the same (phase, round, attempt): the resumed run ends where the
+    # uninterrupted one does, except for the retried round's attempt numbers.
+    assert state.kl_controller["beta"] > 0
+    assert resumed.state.round == straight.state.round == 3

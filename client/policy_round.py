@@ -32,7 +32,7 @@ from client.ppo_training import (
     ppo_update,
 )
 from client.reward_round import cached_reward_model, derive_seed
-from client.reward_training import DPSettings
+from client.reward_training import DPSettings, OptimizerSettings
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
 from common.model import RewardModel, score_responses
@@ -60,10 +60,12 @@ def cached_policy_model(model_config: ModelConfig, policy_config: ModelConfig): 
     return reward, policy, tokenizer
 
 
-def train_only_policy(policy: PolicyModel) -> None:
-    """Only the policy adapter and value head train; the reward model stays frozen."""
+def train_only_policy(policy: PolicyModel, with_value_head: bool = True) -> None:
+    """Only the policy adapter (and the value head, which DPO does not use) train; the
+    reward model stays frozen."""
     for name, p in policy.named_parameters():
-        p.requires_grad_(f".{POLICY_ADAPTER}." in name or name.startswith("value_head"))
+        is_value = name.startswith("value_head")
+        p.requires_grad_(f".{POLICY_ADAPTER}." in name or (is_value and with_value_head))
 
 
 def round_specs(
@@ -84,12 +86,15 @@ class Measurement:
 
 
 def measure(rollouts: Rollouts, estimator: str) -> Measurement:
+    """Score, KL and EOS share of a batch of samples. The KL is capped where its
+    masked statistic saturates: past it the trust region only needs to know "too far"."""
     if len(rollouts) == 0:
         return Measurement(0.0, 0.0, 0.0)
     kl = kl_per_token(rollouts.logp_old, rollouts.logp_ref, estimator) * rollouts.response_mask
+    score_cap = dict(POLICY_STATS.fields)["score"]
     return Measurement(
-        float(rollouts.scores.mean()),
-        float(kl.sum(dim=1).mean()),
+        float(rollouts.scores.mean().clamp(-score_cap, score_cap)),
+        min(float(kl.sum(dim=1).mean()), dict(POLICY_STATS.fields)["kl"]),
         float(rollouts.ended.float().mean()),
     )
 
@@ -167,8 +172,9 @@ def policy_round(
         )
         charge = store.begin_charge(run_id, instruction.phase, instruction.round, event)
 
+    train_only_policy(policy, with_value_head=pc.objective == "ppo")
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=pc.learning_rate)
+    optimizer = OptimizerSettings.of(pc).build(params)
     if pc.objective == "ppo":
         settings = PPOSettings.of(pc)
         first = None

@@ -17,7 +17,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import IAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import RewardConfig
+from common.config import PolicyConfig, RewardConfig
 from common.losses import bradley_terry_loss
 from common.model import EncodedPairs, RewardModel
 from common.privacy import DPEvent
@@ -36,7 +36,7 @@ class OptimizerSettings:
     momentum: float = 0.0
 
     @classmethod
-    def of(cls, config: RewardConfig) -> OptimizerSettings:
+    def of(cls, config: RewardConfig | PolicyConfig) -> OptimizerSettings:
         return cls(config.optimizer, config.learning_rate, config.momentum)
 
     def build(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

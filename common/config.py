@@ -70,22 +70,34 @@ class PolicyConfig:
 
     rounds: int = 10
     """Policy rounds (0: the run ends after the reward model)."""
-    objective: str = "ppo"
+    objective: str = "dpo"
     """``ppo`` against the federation's reward model, or ``dpo`` on the local
-    comparisons (no reward model needed, reward rounds may be 0)."""
+    comparisons (no reward model needed, reward rounds may be 0). DPO is the default:
+    under DP at the sizes of the default simulation (about 2,000 prompts and 2,000
+    comparisons per organization) PPO's per-rollout gradients are too noisy to move
+    the policy anywhere useful, while DPO's per-comparison gradients are not (README,
+    "Policy rounds")."""
     lora_rank: int = 4
     lora_targets: str = "all-linear"
     """The policy adapter's modules. LoRA on the attention projections alone barely
     moves a small model's outputs; the MLPs carry most of what a policy changes."""
-    iterations: int = 4
+    iterations: int = 8
     """PPO iterations per round (rollouts, then updates), or DPO steps per round."""
-    batch_size: int = 32
+    batch_size: int = 256
     """Expected prompts per PPO iteration (comparisons per DPO step); Poisson-sampled
-    under DP, so one prompt's rollout (one comparison) is one privacy unit."""
-    learning_rate: float = 1e-3
-    """Adam on the client, fresh each round."""
+    under DP, so one prompt's rollout (one comparison) is one privacy unit. Under DP,
+    few large batches beat many small ones: the noise on a mean gradient falls with
+    the batch faster than the noise multiplier a higher sampling rate needs grows."""
+    optimizer: str = "sgd"
+    """``sgd`` (with momentum) or ``adam``; the client's optimizer, fresh each round.
+    Under DP noise Adam's per-coordinate scaling turns noise-only coordinates into
+    full-size steps (a random walk away from the reference); SGD keeps them small."""
+    learning_rate: float = 0.2
+    momentum: float = 0.9
     ppo_epochs: int = 4
     minibatches: int = 1
+    """Minibatches per epoch. Under DP keep 1: each minibatch step pays the full noise
+    on a smaller batch."""
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -93,7 +105,7 @@ class PolicyConfig:
     """Per-token KL(policy || reference) in the reward: ``k1`` or ``k3``."""
     kl_control: str = "adaptive"
     """``adaptive`` (Ziegler et al.: beta steers the KL to kl-target) or ``fixed``."""
-    beta: float = 0.05
+    beta: float = 0.1
     """Initial (or fixed) KL coefficient."""
     kl_target: float = 4.0
     """Target KL to the reference, in nats per response (summed over its tokens)."""
@@ -107,7 +119,9 @@ class PolicyConfig:
     lam: float = 0.95
     clip_range: float = 0.2
     value_clip_range: float = 0.2
-    value_coef: float = 0.1
+    value_coef: float = 0.02
+    """Weight of the value loss. Under DP the per-rollout gradient is clipped as a
+    whole; the value head's gradient is large and would take most of the clip norm."""
     target_approx_kl: float = 0.1
     """Without DP, stop a PPO iteration's epochs once the approximate KL to the
     rollout policy passes this (off under DP: it would read private data)."""
@@ -253,6 +267,7 @@ class RunConfig:
             (self.policy.lora_rank > 0, "policy.lora-rank must be > 0"),
             (self.policy.iterations >= 1, "policy.iterations must be >= 1"),
             (self.policy.batch_size >= 1, "policy.batch-size must be >= 1"),
+            (self.policy.optimizer in ("sgd", "adam"), "policy.optimizer must be 'sgd' or 'adam'"),
             (self.policy.learning_rate > 0, "policy.learning-rate must be > 0"),
             (self.policy.ppo_epochs >= 1, "policy.ppo-epochs must be >= 1"),
             (self.policy.minibatches >= 1, "policy.minibatches must be >= 1"),

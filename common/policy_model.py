@@ -25,6 +25,8 @@ from common.model import active_adapter, keep_trainable, lora_config
 
 POLICY_ADAPTER = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
+POLICY_PREFIX = "policy."
+"""Wire and checkpoint names of the policy adapter's tensors (``policy.<PEFT key>``)."""
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -80,15 +82,19 @@ class PolicyModel(nn.Module):
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        # Named apart from the reward model's ``adapter.*``: PEFT's keys omit the adapter
+        # name, and a policy round carries both adapters.
         adapter = get_peft_model_state_dict(self.lm, adapter_name=POLICY_ADAPTER)
-        state = {f"adapter.{k}": v for k, v in adapter.items()}
+        state = {f"{POLICY_PREFIX}{k}": v for k, v in adapter.items()}
         state["value.weight"] = self.value_head.weight
         state["value.bias"] = self.value_head.bias
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         adapter = {
-            k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")
+            k.removeprefix(POLICY_PREFIX): v
+            for k, v in state.items()
+            if k.startswith(POLICY_PREFIX)
         }
         result = set_peft_model_state_dict(self.lm, adapter, adapter_name=POLICY_ADAPTER)
         if result.unexpected_keys:

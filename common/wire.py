@@ -63,6 +63,11 @@ def from_ndarrays(
     arrays: Sequence[np.ndarray], spec: Sequence[TensorSpec], where: str
 ) -> dict[str, torch.Tensor]:
     """Checked arrays (in spec order) back to named float32 tensors."""
+    names = [s.name for s in spec]
+    if len(set(names)) != len(names):  # a programming error, not bad input
+        raise ValueError(
+            f"tensor names repeat in the spec: {sorted(n for n in set(names) if names.count(n) > 1)[:3]}"
+        )
     if len(arrays) != len(spec):
         raise WireError(f"{where}: {len(arrays)} tensors arrived, expected {len(spec)}")
     for array, s in zip(arrays, spec, strict=True):

@@ -58,7 +58,7 @@ def _simulate(args: argparse.Namespace) -> int:
         world=world,
         overrides=overrides,
         baselines=not args.no_baselines,
-        compare_dpo=args.compare_dpo,
+        compare_objectives=args.compare_objectives,
     )
     if args.cache:
         options.cache_dir = Path(args.cache)
@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-baselines", action="store_true", help="skip the centralized and single-org baselines"
     )
     sim.add_argument(
-        "--compare-dpo",
+        "--compare-objectives",
         action="store_true",
-        help="also run the policy phase as DPO (no reward rounds) on the same world, and compare",
+        help="also run the other policy objective (PPO or DPO) on the same world and budget",
     )
     sim.add_argument("--strict", action="store_true", help="exit 1 if any target check fails")
     sim.set_defaults(func=_simulate)

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.model import REWARD_ADAPTER, RewardModel
-from common.policy_model import POLICY_ADAPTER, VALUE_HEAD_FILE, PolicyModel
+from common.policy_model import POLICY_ADAPTER, POLICY_PREFIX, VALUE_HEAD_FILE, PolicyModel
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "server_optimizer.safetensors"
@@ -117,10 +117,14 @@ class RunDirectory:
 
     def load(self, checkpoint: Path) -> Checkpoint:
         state = ServerState(**json.loads((checkpoint / STATE_FILE).read_text()))
-        reward = _adapter_tensors(checkpoint / REWARD_ADAPTER, "head", "reward_head.safetensors")
+        reward = _adapter_tensors(
+            checkpoint / REWARD_ADAPTER, "adapter.", "head", "reward_head.safetensors"
+        )
         policy_dir = checkpoint / POLICY_ADAPTER
         policy = (
-            _adapter_tensors(policy_dir, "value", VALUE_HEAD_FILE) if policy_dir.exists() else None
+            _adapter_tensors(policy_dir, POLICY_PREFIX, "value", VALUE_HEAD_FILE)
+            if policy_dir.exists()
+            else None
         )
         optimizers: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in load_file(str(checkpoint / OPTIMIZER_FILE)).items():
@@ -140,10 +144,12 @@ class RunDirectory:
         _atomic_write(self.metrics_file, "".join(json.dumps(h) + "\n" for h in history))
 
 
-def _adapter_tensors(adapter_dir: Path, head: str, head_file: str) -> dict[str, torch.Tensor]:
-    """An adapter folder's tensors under their wire names (``adapter.*``, ``<head>.*``)."""
+def _adapter_tensors(
+    adapter_dir: Path, prefix: str, head: str, head_file: str
+) -> dict[str, torch.Tensor]:
+    """An adapter folder's tensors under their wire names (``<prefix>*``, ``<head>.*``)."""
     adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    tensors = {f"adapter.{k}": v for k, v in adapter.items()}
+    tensors = {f"{prefix}{k}": v for k, v in adapter.items()}
     tensors.update({f"{head}.{k}": v for k, v in load_file(str(adapter_dir / head_file)).items()})
     return tensors
 

@@ -298,7 +298,8 @@ class PhaseDriver:
             )
             update = {name: u * decision.scale for name, u in update.items()}
             beta_used = self.kl_controller.beta
-            self.kl_controller.update(kl_current, round(sums["rollouts"]))
+            if self.config.policy.objective == "ppo":  # DPO's beta is policy.dpo-beta
+                self.kl_controller.update(kl_current, round(sums["rollouts"]))
             self.state.kl_controller = self.kl_controller.state_dict()
             extra = {
                 "beta": beta_used,

@@ -108,6 +108,8 @@ def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, A
     summary["checks"] = {
         "final policy's true utility above the reference's": gain > 0,
         "true utility gain >= 1 reference SD": margin >= 1.0,
+        "final KL within the trust-region bound": final["kl_to_reference"]
+        <= config.policy.kl_bound,
     }
     if config.policy.objective == "ppo" and config.policy.kl_control == "adaptive":
         summary["checks"]["final KL within 50% of the KL target"] = (
@@ -181,7 +183,7 @@ def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Same world, same budget: PPO (after reward rounds) vs DPO")
+    fig.suptitle("Same world, same privacy budget: " + " vs ".join(n.upper() for n in reports))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -63,6 +63,26 @@ def build_report(
     baselines: Baselines,
     world: dict[str, Any],
 ) -> dict[str, Any]:
+    eps = client_epsilons(config, stores)
+    privacy = {
+        "dp": config.privacy.enabled,
+        "secure_aggregation": config.federation.secure_aggregation,
+        "world": world,
+        "epsilon_per_client": eps,
+        "epsilon_budget": config.privacy.epsilon,
+        "delta": config.privacy.delta,
+        "accountant": config.privacy.accountant,
+    }
+    privacy_checks = {
+        "epsilon <= budget for every client": (not config.privacy.enabled)
+        or max(eps) <= config.privacy.epsilon + 1e-6,
+        "delta <= 1e-5": config.privacy.delta <= 1e-5,
+    }
+    if config.reward.rounds == 0:  # e.g. DPO straight on the comparisons
+        report = {**privacy, "checks": privacy_checks}
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        _plot_epsilon(run_dir / "epsilon_per_client.png", report)
+        return report
     run = RunDirectory(run_dir)
     history = [
         h
@@ -72,7 +92,6 @@ def build_report(
         if h["phase"] == "reward"
     ]
     accuracies = round_accuracies(config, run, test)
-    eps = client_epsilons(config, stores)
     train_rounds = [h for h in history if h["task"] == "train"]
     final_round = max(accuracies)
     final = accuracies[final_round]
@@ -98,9 +117,7 @@ def build_report(
     adapter_bytes = history[0]["adapter_bytes"] if history else 0
     full_bytes = history[0]["full_model_bytes"] if history else 0
     report = {
-        "dp": config.privacy.enabled,
-        "secure_aggregation": config.federation.secure_aggregation,
-        "world": world,
+        **privacy,
         "bayes_ceiling": baselines.bayes,
         "centralized_non_dp_accuracy": baselines.centralized,
         "single_org_accuracies": baselines.single_org,
@@ -109,10 +126,6 @@ def build_report(
         "federated_minus_centralized_points": 100 * (final - baselines.centralized),
         "centralized_share_of_bayes": baselines.centralized / baselines.bayes,
         "federated_share_of_bayes": final / baselines.bayes,
-        "epsilon_per_client": eps,
-        "epsilon_budget": config.privacy.epsilon,
-        "delta": config.privacy.delta,
-        "accountant": config.privacy.accountant,
         "adapter_bytes": adapter_bytes,
         "full_model_bytes": full_bytes,
         "model_to_adapter_ratio": full_bytes / adapter_bytes if adapter_bytes else None,
@@ -123,9 +136,7 @@ def build_report(
         "federated within 3 points of centralized": report["federated_minus_centralized_points"]
         >= -3.0,
         "federated beats median single organization": final > median_single,
-        "epsilon <= budget for every client": (not config.privacy.enabled)
-        or max(eps) <= config.privacy.epsilon + 1e-6,
-        "delta <= 1e-5": config.privacy.delta <= 1e-5,
+        **privacy_checks,
     }
     _write(run_dir, report)
     return report

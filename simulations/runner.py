@@ -50,9 +50,9 @@ class SimulationOptions:
     cache_dir: Path = Path.home() / ".cache" / "fedrlhf"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     baselines: bool = True
-    compare_dpo: bool = False
-    """After the run, federate DPO on fresh copies of the same stores (no reward
-    rounds, the whole budget for the policy) and compare it with PPO."""
+    compare_objectives: bool = False
+    """After the run, federate the other policy objective (PPO or DPO) on fresh copies
+    of the same stores, with the same budget, and compare the two."""
     timeout: float = 3600.0
 
 
@@ -151,23 +151,32 @@ def federate(
         )
 
 
-def _run_dpo(world: World, overrides: dict, run_dir: Path, options: SimulationOptions) -> dict:
-    """The policy phase as DPO on the same world: fresh stores, same comparisons."""
-    dpo_dir = run_dir / "dpo"
-    dpo_overrides = {
+PPO_COMPARISON = {"policy.batch-size": 128, "policy.iterations": 2, "policy.learning-rate": 0.05}
+"""PPO's own sizes for the comparison run, where the run's settings are DPO's: PPO
+prompts cost a generation each, and under DP few large steps are its best case."""
+
+
+def _run_other_objective(
+    world: World, config: RunConfig, overrides: dict, run_dir: Path, options: SimulationOptions
+) -> dict:
+    """The policy phase with the other objective, on fresh stores of the same world and
+    the same budget (reward rounds included, as PPO needs them)."""
+    other = "ppo" if config.policy.objective == "dpo" else "dpo"
+    other_dir = run_dir / other
+    other_overrides = {
+        **(PPO_COMPARISON if other == "ppo" else {}),
         **overrides,
-        "run-dir": str(dpo_dir),
-        "client.store": str(dpo_dir / "stores" / "org-{partition-id}.sqlite"),
-        "reward.rounds": 0,
-        "policy.objective": "dpo",
+        "run-dir": str(other_dir),
+        "client.store": str(other_dir / "stores" / "org-{partition-id}.sqlite"),
+        "policy.objective": other,
     }
-    config = RunConfig().replace(**dpo_overrides)
-    fill_stores(world, config, dpo_dir / "stores")
-    clear_run(dpo_dir)
-    console.print("[bold]DPO on the same world[/bold] (no reward rounds, the whole budget)")
-    federate(config, dpo_overrides, dpo_dir, options.world.organizations, options.timeout)
-    with console.status("generating with every DPO round's policy on held-out prompts"):
-        return build_policy_report(config, dpo_dir, world)
+    other_config = RunConfig().replace(**other_overrides)
+    fill_stores(world, other_config, other_dir / "stores")
+    clear_run(other_dir)
+    console.print(f"[bold]{other.upper()} on the same world[/bold] -> {other_dir}")
+    federate(other_config, other_overrides, other_dir, options.world.organizations, options.timeout)
+    with console.status(f"generating with every {other.upper()} round's policy"):
+        return build_policy_report(other_config, other_dir, world)
 
 
 def _progress_line(last: dict) -> str:
@@ -229,9 +238,13 @@ def run_simulation(options: SimulationOptions) -> dict:
         report = build_report(config, run_dir, stores, test, baselines, world_info)
     with console.status("generating with every round's policy on held-out prompts"):
         report["policy"] = build_policy_report(config, run_dir, world)
-    if options.compare_dpo:
-        report["dpo"] = _run_dpo(world, overrides, run_dir, options)
-        plot_objectives(run_dir / "ppo_vs_dpo.png", {"ppo": report["policy"], "dpo": report["dpo"]})
+    if options.compare_objectives and report["policy"]:
+        other = _run_other_objective(world, config, overrides, run_dir, options)
+        report["comparison"] = other
+        plot_objectives(
+            run_dir / "ppo_vs_dpo.png",
+            {config.policy.objective: report["policy"], other["objective"]: other},
+        )
     report["seconds"] = round(time.perf_counter() - started, 1)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _print_summary(report, run_dir)
@@ -239,22 +252,24 @@ def run_simulation(options: SimulationOptions) -> dict:
 
 
 def _print_summary(report: dict, run_dir: Path) -> None:
-    table = Table(title="fedrlhf simulation: reward model")
+    table = Table(title="fedrlhf simulation")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("Bayes-optimal ceiling", f"{report['bayes_ceiling']:.4f}")
-    table.add_row("centralized, non-DP", f"{report['centralized_non_dp_accuracy']:.4f}")
-    table.add_row("single organization, median", f"{report['single_org_median_accuracy']:.4f}")
     dp = "DP" if report["dp"] else "DP OFF"
     sa = " + SecAgg+" if report["secure_aggregation"] else ""
-    table.add_row(f"federated + {dp}{sa}, final", f"{report['federated_final_accuracy']:.4f}")
+    if "federated_final_accuracy" in report:
+        table.add_row("reward model: Bayes-optimal ceiling", f"{report['bayes_ceiling']:.4f}")
+        table.add_row("centralized, non-DP", f"{report['centralized_non_dp_accuracy']:.4f}")
+        table.add_row("single organization, median", f"{report['single_org_median_accuracy']:.4f}")
+        table.add_row(f"federated + {dp}{sa}, final", f"{report['federated_final_accuracy']:.4f}")
+        table.add_row(
+            "adapter bytes / full model bytes",
+            f"{report['adapter_bytes']:,} / {report['full_model_bytes']:,}",
+        )
     eps = report["epsilon_per_client"]
     table.add_row(
-        "epsilon per client (max / median)", f"{max(eps):.3f} / {statistics.median(eps):.3f}"
-    )
-    table.add_row(
-        "adapter bytes / full model bytes",
-        f"{report['adapter_bytes']:,} / {report['full_model_bytes']:,}",
+        f"epsilon per client (max / median), {dp}{sa}",
+        f"{max(eps):.3f} / {statistics.median(eps):.3f}",
     )
     table.add_row("wall time", f"{report['seconds']:.0f} s")
     policy = report.get("policy")
@@ -270,12 +285,13 @@ def _print_summary(report: dict, run_dir: Path) -> None:
             "final KL to reference (target)",
             f"{policy['final_kl_to_reference']:.2f} ({policy['kl_target']:g})",
         )
-    dpo = report.get("dpo")
-    if dpo:
+    other = report.get("comparison")
+    if other:
         table.add_row(
-            "DPO instead: true utility, reference -> final",
-            f"{dpo['reference_true_utility']:.3f} -> {dpo['final_true_utility']:.3f} "
-            f"({dpo['utility_gain_in_reference_sd']:+.2f} SD, KL {dpo['final_kl_to_reference']:.2f})",
+            f"{other['objective'].upper()} instead: true utility, reference -> final",
+            f"{other['reference_true_utility']:.3f} -> {other['final_true_utility']:.3f} "
+            f"({other['utility_gain_in_reference_sd']:+.2f} SD, "
+            f"KL {other['final_kl_to_reference']:.2f})",
         )
     console.print(table)
     checks = {**report["checks"], **(policy["checks"] if policy else {})}

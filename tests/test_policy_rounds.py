@@ -17,11 +17,13 @@ from tests.inprocess_grid import InProcessGrid
 from tests.test_secure_rounds import make_stores, run_config
 
 POLICY = {
+    "policy.objective": "ppo",
     "reward.rounds": 1,
     "policy.rounds": 2,
     "policy.iterations": 2,
     "policy.batch-size": 8,
     "policy.max-new-tokens": 8,
+    "policy.optimizer": "adam",
     "policy.learning-rate": 0.01,
     "policy.kl-horizon": 50.0,
 }
@@ -49,6 +51,9 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
     policy_rounds = [h for h in state.history if h["phase"] == "policy" and h["task"] == "train"]
     config = driver.config.policy
     beta = config.beta
+    # The fresh policy is the reference on the clients too (the trained reward adapter
+    # that travels with it must not leak into it): KL 0 up to SecAgg+'s quantization.
+    assert abs(policy_rounds[0]["kl"]) < 0.01
     for h in policy_rounds:
         assert h["survivors"] == 3 and h["rollouts"] > 0 and h["kl_after"] >= 0
         assert h["beta"] == pytest.approx(beta)

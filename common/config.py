@@ -107,12 +107,14 @@ class PolicyConfig:
     """``adaptive`` (Ziegler et al.: beta steers the KL to kl-target) or ``fixed``."""
     beta: float = 0.1
     """Initial (or fixed) KL coefficient."""
-    kl_target: float = 4.0
+    kl_target: float = 0.5
     """Target KL to the reference, in nats per response (summed over its tokens)."""
     kl_horizon: float = 2000.0
     """Rollouts over which the adaptive controller closes the KL error."""
-    kl_bound: float = 8.0
-    """Trust region: a round whose aggregated KL would pass this is scaled back or rejected."""
+    kl_bound: float = 1.0
+    """Trust region: a round whose aggregated KL would pass this is scaled back or rejected.
+    Beyond about a nat from the reference the generations leave the text the reward
+    model and the comparisons describe, and their true utility falls."""
     trust_region: str = "scale"
     """``scale`` the step back to the bound, or ``reject`` the round."""
     gamma: float = 1.0

@@ -250,7 +250,9 @@ class World:
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.config.seed)
         topics = list(TOPICS)
-        by_topic = {topic: [p for p in all_prompts() if topic_of(p) == topic] for topic in topics}
+        # Comparisons are about the plain questions; the policy prompts add contexts.
+        plain = all_prompts([""])
+        by_topic = {topic: [p for p in plain if topic_of(p) == topic] for topic in topics}
         self.organizations: list[Organization] = []
         for index in range(self.config.organizations):
             mix = rng.dirichlet([self.config.topic_concentration] * len(topics))

@@ -35,7 +35,7 @@ from client.reward_round import cached_reward_model, derive_seed
 from client.reward_training import DPSettings, OptimizerSettings
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
-from common.model import RewardModel, score_responses
+from common.model import RewardModel, score_responses, train_only
 from common.policy_model import POLICY_ADAPTER, PolicyModel, add_policy
 from common.ppo import kl_per_token
 from common.privacy import (
@@ -56,16 +56,8 @@ def cached_policy_model(model_config: ModelConfig, policy_config: ModelConfig): 
     """The process's reward model with a policy adapter + value head added to its base."""
     reward, tokenizer = cached_reward_model(model_config)
     policy = add_policy(reward.lm, policy_config)
-    train_only_policy(policy)
+    train_only(policy, POLICY_ADAPTER, ("value_head.",))
     return reward, policy, tokenizer
-
-
-def train_only_policy(policy: PolicyModel, with_value_head: bool = True) -> None:
-    """Only the policy adapter (and the value head, which DPO does not use) train; the
-    reward model stays frozen."""
-    for name, p in policy.named_parameters():
-        is_value = name.startswith("value_head")
-        p.requires_grad_(f".{POLICY_ADAPTER}." in name or (is_value and with_value_head))
 
 
 def round_specs(
@@ -172,7 +164,8 @@ def policy_round(
         )
         charge = store.begin_charge(run_id, instruction.phase, instruction.round, event)
 
-    train_only_policy(policy, with_value_head=pc.objective == "ppo")
+    # DPO does not use the value head: Opacus would wait for its per-sample gradients.
+    train_only(policy, POLICY_ADAPTER, ("value_head.",) if pc.objective == "ppo" else ())
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = OptimizerSettings.of(pc).build(params)
     if pc.objective == "ppo":

@@ -20,7 +20,15 @@ from client.reward_training import DPSettings, OptimizerSettings, train_reward_m
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
 from common.losses import bradley_terry_loss
-from common.model import RewardModel, build_reward_model, encode_pairs, load_base, score_pairs
+from common.model import (
+    REWARD_ADAPTER,
+    RewardModel,
+    build_reward_model,
+    encode_pairs,
+    load_base,
+    score_pairs,
+    train_only,
+)
 from common.privacy import (
     BudgetExceeded,
     DPEvent,
@@ -83,6 +91,7 @@ def reward_round(
     spec = reward_spec(model)
     global_state = from_ndarrays(global_arrays, spec, where)  # refuses bad names/shapes/NaN
     model.load_trainable_state(global_state)
+    train_only(model, REWARD_ADAPTER, ("head.",))
 
     held_out = store.comparisons("heldout", config.reward.heldout_fraction)
     stats = _evaluate(model, tokenizer, held_out, config.model.max_length)

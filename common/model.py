@@ -137,6 +137,17 @@ def keep_trainable(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def train_only(model: nn.Module, adapter: str, heads: tuple[str, ...] = ()) -> None:
+    """Make exactly one adapter's LoRA tensors and the named heads trainable.
+
+    The base is shared by the reward and policy adapters; a process that served one
+    phase must not carry that phase's trainable tensors into the other (Opacus would
+    expect per-sample gradients for them).
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(f".{adapter}." in name or name.startswith(heads))
+
+
 @contextmanager
 def active_adapter(lm: PeftModel, name: str) -> Iterator[None]:
     """Run with adapter ``name`` active (the base is shared by several), then restore."""

@@ -72,7 +72,9 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
     policy = report["policy"]
     assert [r["round"] for r in policy["rounds"]] == [0, 1, 2]
     assert policy["rounds"][0]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
-    assert policy["rounds"][-1]["kl_to_reference"] > 0
+    # k1 is unbiased but a sample of it may be negative for a policy this close to the
+    # reference; that the policy moved at all shows as a nonzero estimate.
+    assert policy["rounds"][-1]["kl_to_reference"] != 0.0
     assert all(r["true_utility_sd"] > 0 for r in policy["rounds"])
     assert set(policy["checks"]) >= {"final policy's true utility above the reference's"}
 

@@ -103,6 +103,13 @@ def dpo_batch_loss(
     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
 
 
+@dataclass(frozen=True)
+class DPOResult:
+    mean_loss: float
+    comparisons: int
+    """Comparisons the steps trained on (with repeats): the KL controller's ``n_steps``."""
+
+
 def train_dpo(
     policy: PolicyModel,
     batch: DPOBatch,
@@ -113,9 +120,9 @@ def train_dpo(
     optimizer: torch.optim.Optimizer,
     dp: DPSettings | None,
     seed: int = 0,
-) -> float:
+) -> DPOResult:
     """``steps`` DPO steps; with DP, Poisson batches at rate ``batch_size / len(batch)``
-    and per-comparison clipping + noise. Returns the mean loss."""
+    and per-comparison clipping + noise."""
     generator = torch.Generator().manual_seed(seed)
     rate = min(1.0, batch_size / len(batch))
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -130,7 +137,7 @@ def train_dpo(
             expected_batch_size=max(1, round(rate * len(batch))),
             generator=torch.Generator().manual_seed(seed + 1),
         )
-    losses = []
+    losses, comparisons = [], 0
     policy.train()
     try:
         with warnings.catch_warnings():
@@ -150,6 +157,7 @@ def train_dpo(
                 loss.backward()
                 step_optimizer.step()
                 losses.append(float(loss.detach()))
+                comparisons += len(index)
     finally:
         finish_training(policy, model, params)
-    return sum(losses) / max(1, len(losses))
+    return DPOResult(sum(losses) / max(1, len(losses)), comparisons)

@@ -197,7 +197,7 @@ def policy_round(
             )
         before = first or sample_measurement(1000)
         stats.update(
-            rollouts=float(min(MAX_COUNT, sum(s.rollouts for s in ppo_stats))),
+            samples=float(min(MAX_COUNT, sum(s.rollouts for s in ppo_stats))),
             entropy=float(np.mean([s.entropy for s in ppo_stats])),
             policy_loss=float(np.mean([s.policy_loss for s in ppo_stats])),
             value_loss=float(np.mean([s.value_loss for s in ppo_stats])),
@@ -214,11 +214,12 @@ def policy_round(
             [c.rejected for c in comparisons],
             config.model.max_length,
         )
-        stats["policy_loss"] = train_dpo(
-            policy, batch, steps=pc.iterations, batch_size=pc.batch_size, beta=pc.dpo_beta,
+        dpo = train_dpo(
+            policy, batch, steps=pc.iterations, batch_size=pc.batch_size, beta=instruction.beta,
             optimizer=optimizer, dp=dp, seed=seed + 101,
         )  # fmt: skip
-        loss_text = f"DPO loss {stats['policy_loss']:.4f}"
+        stats.update(policy_loss=dpo.mean_loss, samples=float(min(MAX_COUNT, dpo.comparisons)))
+        loss_text = f"DPO loss {dpo.mean_loss:.4f}"
     if charge is not None:
         store.commit_charge(charge, pc.iterations)
     after = sample_measurement(2000)

@@ -77,7 +77,9 @@ class PolicyConfig:
     comparisons per organization) PPO's per-rollout gradients are too noisy to move
     the policy anywhere useful, while DPO's per-comparison gradients are not (README,
     "Policy rounds")."""
-    lora_rank: int = 4
+    lora_rank: int = 1
+    """Under DP every adapter coordinate gets noise, and noise in any direction costs KL:
+    rank 1 bought the same true utility as rank 4 at about half the KL (README)."""
     lora_targets: str = "all-linear"
     """The policy adapter's modules. LoRA on the attention projections alone barely
     moves a small model's outputs; the MLPs carry most of what a policy changes."""
@@ -92,7 +94,7 @@ class PolicyConfig:
     """``sgd`` (with momentum) or ``adam``; the client's optimizer, fresh each round.
     Under DP noise Adam's per-coordinate scaling turns noise-only coordinates into
     full-size steps (a random walk away from the reference); SGD keeps them small."""
-    learning_rate: float = 0.2
+    learning_rate: float = 0.05
     momentum: float = 0.9
     ppo_epochs: int = 4
     minibatches: int = 1
@@ -106,12 +108,14 @@ class PolicyConfig:
     kl_control: str = "adaptive"
     """``adaptive`` (Ziegler et al.: beta steers the KL to kl-target) or ``fixed``."""
     beta: float = 0.1
-    """Initial (or fixed) KL coefficient."""
+    """PPO's initial (or fixed) KL coefficient (DPO starts from ``dpo_beta``)."""
     kl_target: float = 0.5
     """Target KL to the reference, in nats per response (summed over its tokens)."""
-    kl_horizon: float = 2000.0
-    """Rollouts over which the adaptive controller closes the KL error."""
-    kl_bound: float = 1.0
+    kl_horizon: float = 10000.0
+    """Samples (PPO rollouts, DPO comparisons) over which the adaptive controller
+    closes the KL error. A round trains on about clients x iterations x batch-size of
+    them; the controller moves beta by at most 20% x samples / horizon per round."""
+    kl_bound: float = 0.75
     """Trust region: a round whose aggregated KL would pass this is scaled back or rejected.
     Beyond about a nat from the reference the generations leave the text the reward
     model and the comparisons describe, and their true utility falls."""
@@ -130,8 +134,17 @@ class PolicyConfig:
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response cut off at max-new-tokens."""
     whiten_advantages: bool = True
-    dpo_beta: float = 0.1
-    """DPO's inverse temperature (objective ``dpo``)."""
+    dpo_beta: float = 1.5
+    """DPO's initial (or fixed) beta. DPO optimizes the same KL-regularized objective as
+    PPO (optimum ``pi_ref * exp(r / beta)``, r the annotators' Bradley-Terry reward), so
+    the KL controller moves it like PPO's beta. Under per-comparison clipping beta
+    hardly changes the direction of the steps; it sets the margin past which a
+    comparison stops pushing, and with it where the policy settles."""
+
+    @property
+    def initial_beta(self) -> float:
+        """The KL coefficient of the first policy round, for this objective."""
+        return self.dpo_beta if self.objective == "dpo" else self.beta
 
 
 @dataclass(frozen=True)
@@ -284,7 +297,10 @@ class RunConfig:
             (self.policy.beta >= 0, "policy.beta must be >= 0"),
             (self.policy.kl_target > 0, "policy.kl-target must be > 0"),
             (self.policy.kl_horizon > 0, "policy.kl-horizon must be > 0"),
-            (self.policy.kl_bound > 0, "policy.kl-bound must be > 0"),
+            (
+                self.policy.kl_bound >= self.policy.kl_target,
+                "policy.kl-bound must be >= policy.kl-target",
+            ),
             (
                 self.policy.trust_region in ("scale", "reject"),
                 "policy.trust-region must be 'scale' or 'reject'",

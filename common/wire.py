@@ -147,7 +147,7 @@ REWARD_STATS = StatsLayout(
 
 POLICY_STATS = StatsLayout(
     (
-        ("rollouts", MAX_COUNT),
+        ("samples", MAX_COUNT),
         ("iterations", MAX_COUNT),
         ("score", 100.0),
         ("kl", 200.0),
@@ -162,6 +162,7 @@ POLICY_STATS = StatsLayout(
     )
 )
 """Whitelisted statistics a client returns from a policy round (inside the mask).
+``samples`` counts what the round trained on (PPO rollouts, DPO comparisons);
 ``score``, ``kl`` and ``ended`` describe the incoming policy's rollouts (KL to the
 reference, summed over a response's tokens); ``kl_after`` the locally updated policy's."""
 

@@ -86,9 +86,9 @@ class PhaseDriver:
         }
         pc = self.config.policy
         self.kl_controller = (
-            AdaptiveKLController(pc.beta, pc.kl_target, pc.kl_horizon)
+            AdaptiveKLController(pc.initial_beta, pc.kl_target, pc.kl_horizon)
             if pc.kl_control == "adaptive"
-            else FixedKLController(pc.beta)
+            else FixedKLController(pc.initial_beta)
         )
         self.state = ServerState(seed=self.config.seed)
         self.full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
@@ -298,8 +298,7 @@ class PhaseDriver:
             )
             update = {name: u * decision.scale for name, u in update.items()}
             beta_used = self.kl_controller.beta
-            if self.config.policy.objective == "ppo":  # DPO's beta is policy.dpo-beta
-                self.kl_controller.update(kl_current, round(sums["rollouts"]))
+            self.kl_controller.update(kl_current, round(sums["samples"]))
             self.state.kl_controller = self.kl_controller.state_dict()
             extra = {
                 "beta": beta_used,
@@ -402,8 +401,8 @@ class PhaseDriver:
     @staticmethod
     def _policy_figures(task: str, sums: dict[str, float], n: int) -> dict[str, Any]:
         """Means over the round's clients of each client's figures."""
-        means = {k: v / n for k, v in sums.items() if k not in ("epsilon", "rollouts")}
-        means["rollouts"] = round(sums["rollouts"])
+        means = {k: v / n for k, v in sums.items() if k not in ("epsilon", "samples")}
+        means["samples"] = round(sums["samples"])
         if task == "evaluate":
             for key in ("kl_after", "entropy", "policy_loss", "value_loss", "clip_fraction"):
                 means.pop(key)

@@ -111,7 +111,7 @@ def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, A
         "final KL within the trust-region bound": final["kl_to_reference"]
         <= config.policy.kl_bound,
     }
-    if config.policy.objective == "ppo" and config.policy.kl_control == "adaptive":
+    if config.policy.kl_control == "adaptive":
         summary["checks"]["final KL within 50% of the KL target"] = (
             abs(final["kl_to_reference"] - target) <= 0.5 * target
         )
@@ -134,7 +134,7 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
     bottom.plot(rounds, kl, marker="s", color="tab:orange", label="KL to reference")
-    if config.policy.objective == "ppo":
+    if config.policy.kl_control == "adaptive":
         bottom.axhline(config.policy.kl_target, color="green", linestyle="--", label="KL target")
     bottom.axhline(config.policy.kl_bound, color="red", linestyle=":", label="trust-region bound")
     bottom.set_xlabel("policy round")

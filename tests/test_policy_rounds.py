@@ -37,6 +37,18 @@ def run_policy(tiny_base_dir, tmp_path, name, drop=lambda node, message: False, 
     return driver, driver.run_all(), grid, stores
 
 
+def assert_beta_follows_the_controller(rounds: list[dict], config, beta: float) -> float:  # noqa: ANN001
+    """Each round's beta is the previous one moved by Ziegler's rule on the
+    aggregated KL and sample count; returns the final beta."""
+    for h in rounds:
+        assert h["samples"] > 0
+        assert h["beta"] == pytest.approx(beta)
+        error = min(max(h["kl"] / config.kl_target - 1, -ERROR_CLIP), ERROR_CLIP)
+        beta *= 1 + error * h["samples"] / config.kl_horizon
+        assert h["next_beta"] == pytest.approx(beta)
+    return beta
+
+
 def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
     tiny_base_dir, tmp_path
 ):
@@ -50,16 +62,12 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
     ]
     policy_rounds = [h for h in state.history if h["phase"] == "policy" and h["task"] == "train"]
     config = driver.config.policy
-    beta = config.beta
     # The fresh policy is the reference on the clients too (the trained reward adapter
     # that travels with it must not leak into it): KL 0 up to SecAgg+'s quantization.
     assert abs(policy_rounds[0]["kl"]) < 0.01
+    beta = assert_beta_follows_the_controller(policy_rounds, config, config.beta)
     for h in policy_rounds:
-        assert h["survivors"] == 3 and h["rollouts"] > 0 and h["kl_after"] >= 0
-        assert h["beta"] == pytest.approx(beta)
-        error = min(max(h["kl"] / config.kl_target - 1, -ERROR_CLIP), ERROR_CLIP)
-        beta *= 1 + error * h["rollouts"] / config.kl_horizon
-        assert h["next_beta"] == pytest.approx(beta)
+        assert h["survivors"] == 3 and h["kl_after"] >= 0
         assert h["trust_region_scale"] == 1.0 and h["update_norm"] > 0
     assert state.kl_controller["beta"] == pytest.approx(beta)
 
@@ -100,6 +108,7 @@ def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(tiny_ba
         "reject",
         **{
             "policy.kl-bound": 1e-6,
+            "policy.kl-target": 1e-6,
             "policy.trust-region": "reject",
             "policy.rounds": 1,
             "federation.secure-aggregation": False,  # exact KL figures, no quantization
@@ -120,7 +129,11 @@ def test_trust_region_scales_a_step_back_to_the_bound(tiny_base_dir, tmp_path):
     (h_free,) = [h for h in free.state.history if h["phase"] == "policy" and h["task"] == "train"]
     bound = h_free["kl"] + 0.5 * (h_free["kl_after"] - h_free["kl"])
     scaled, _, _, _ = run_policy(
-        tiny_base_dir, tmp_path, "scaled", **plain, **{"policy.kl-bound": bound}
+        tiny_base_dir,
+        tmp_path,
+        "scaled",
+        **plain,
+        **{"policy.kl-bound": bound, "policy.kl-target": bound},
     )
     (h,) = [h for h in scaled.state.history if h["phase"] == "policy" and h["task"] == "train"]
     assert h["trust_region_scale"] == pytest.approx(0.5, abs=1e-3)
@@ -136,7 +149,15 @@ def test_dpo_objective_trains_the_policy_on_local_comparisons(tiny_base_dir, tmp
         ("policy", "train"),
         ("policy", "evaluate"),
     ]
-    assert all(h["update_norm"] > 0 for h in state.history if h["task"] == "train")
+    trained = [h for h in state.history if h["task"] == "train"]
+    assert all(h["update_norm"] > 0 for h in trained)
+    # DPO's beta starts at policy.dpo-beta and the KL controller moves it, as PPO's.
+    # Samples are the comparisons trained on: ~ clients x steps x batch (Poisson).
+    config = driver.config.policy
+    assert all(
+        0.5 < h["samples"] / (3 * config.iterations * config.batch_size) < 1.5 for h in trained
+    )
+    assert_beta_follows_the_controller(trained, config, config.dpo_beta)
     for node_config in stores.values():
         with PreferenceStore(node_config["store"]) as store:
             ledger = store.ledger()

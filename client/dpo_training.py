@@ -122,7 +122,14 @@ def train_dpo(
     seed: int = 0,
 ) -> DPOResult:
     """``steps`` DPO steps; with DP, Poisson batches at rate ``batch_size / len(batch)``
-    and per-comparison clipping + noise."""
+    and per-comparison clipping + noise.
+
+    The steps descend the DPO loss divided by ``beta``: its gradient,
+    ``-sigmoid(-beta * margin) * grad(margin)``, has one scale for every beta. Beta
+    (which the KL controller moves) then decides only where a comparison stops
+    pushing, i.e. how far from the reference the policy settles; the learning rate
+    alone sets the step. With the plain loss a smaller beta would also mean smaller
+    steps, and a controller lowering beta to let the KL grow would slow it down."""
     generator = torch.Generator().manual_seed(seed)
     rate = min(1.0, batch_size / len(batch))
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -154,7 +161,7 @@ def train_dpo(
                     noise_only_step(step_optimizer, params)
                     continue
                 loss = dpo_batch_loss(model, policy, batch.rows(index), beta)
-                loss.backward()
+                (loss / beta).backward()
                 step_optimizer.step()
                 losses.append(float(loss.detach()))
                 comparisons += len(index)

@@ -31,7 +31,7 @@ from client.ppo_training import (
     generate_rollouts,
     ppo_update,
 )
-from client.reward_round import cached_reward_model, derive_seed
+from client.reward_round import cached_reward_model, round_seed
 from client.reward_training import DPSettings, OptimizerSettings
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
@@ -117,13 +117,7 @@ def policy_round(
     if not prompts:
         raise ValueError(f"{where}: the store {store.path} holds no prompts")
     sampling = SamplingSettings.of(pc)
-    seed = derive_seed(
-        instruction.seed,
-        instruction.phase,
-        instruction.round,
-        instruction.attempt,
-        str(store.path.resolve()),
-    )
+    seed = round_seed(instruction, store)
     generator = torch.Generator().manual_seed(seed)
 
     def score_fn(prompt_texts, responses):  # noqa: ANN001, ANN202
@@ -273,6 +267,6 @@ def _plan_noise(
         )
     except BudgetExceeded as exc:
         raise BudgetExceeded(f"declining policy round {instruction.round}: {exc}") from None
-    dp = DPSettings(per_unit * math.sqrt(repeats), config.privacy.max_grad_norm)
+    dp = DPSettings(per_unit * math.sqrt(repeats), pc.max_grad_norm)
     # Per PPO iteration dp_event_per_iteration(dp, rate, ppo_epochs) has noise per_unit.
     return dp, DPEvent(per_unit, rate, pc.iterations)

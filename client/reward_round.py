@@ -111,13 +111,7 @@ def reward_round(
     sample_rate, steps = planned_steps(
         len(pairs), config.reward.batch_size, config.reward.local_epochs
     )
-    seed = derive_seed(
-        instruction.seed,
-        instruction.phase,
-        instruction.round,
-        instruction.attempt,
-        str(store.path.resolve()),
-    )
+    seed = round_seed(instruction, store)
 
     dp = None
     charge = None
@@ -164,8 +158,16 @@ def reward_round(
     )
 
 
-def derive_seed(*parts: object) -> int:
-    """A per-client, per-round seed: reproducible runs, but no two clients share noise."""
+def round_seed(instruction: RoundInstruction, store: PreferenceStore) -> int:
+    """A per-client, per-round seed (run seed, phase, round, attempt, store): reproducible
+    runs, a retried round draws afresh, and no two clients share noise."""
+    parts = (
+        instruction.seed,
+        instruction.phase,
+        instruction.round,
+        instruction.attempt,
+        store.path.resolve(),
+    )
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**62
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import tomllib
 from dataclasses import replace
@@ -199,10 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     transformers.utils.logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
+    # A plain `kill` must unwind like Ctrl-C, so the servers we started are stopped by PID.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except (ImportFileError, StoreError, ConfigError, FileNotFoundError, FileExistsError) as exc:

@@ -24,28 +24,25 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from scipy.optimize import curve_fit
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from scipy.optimize import curve_fit  # noqa: E402
-
-from client.label_queue import QueueSettings  # noqa: E402
-from client.pair_selection import order_pairs  # noqa: E402
-from client.reward_training import OptimizerSettings, train_reward_model  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.model import (  # noqa: E402
+from client.label_queue import QueueSettings
+from client.pair_selection import order_pairs
+from client.reward_training import OptimizerSettings, train_reward_model
+from common.config import RunConfig
+from common.model import (
     RewardModel,
     build_reward_model,
     encode_pairs,
     load_base,
     score_pairs,
 )
-from simulations.baselines import build_test_set  # noqa: E402
-from simulations.pretrain import PretrainConfig, pretrained_base  # noqa: E402
-from simulations.world import Pair, World, WorldConfig  # noqa: E402
+from simulations.baselines import build_test_set
+from simulations.figures import plt, save_figure
+from simulations.pretrain import PretrainConfig, pretrained_base
+from simulations.world import Pair, World, WorldConfig
 
 log = logging.getLogger(__name__)
 RANDOM_CAMPAIGN = "random"
@@ -271,9 +268,7 @@ def _plot(mean: dict, fits: dict, target: float, needed: float | None, path: Pat
     ax.set_ylabel("test accuracy (expected, vs. true preferences)")
     ax.set_title("Reward-model accuracy per label: which pairs to ask about")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def small_study() -> StudyConfig:

@@ -14,20 +14,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from client.ppo_training import SamplingSettings, generate_rollouts  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.model import build_reward_model, load_base, score_responses  # noqa: E402
-from common.policy_model import add_policy  # noqa: E402
-from common.ppo import kl_per_token  # noqa: E402
-from server.checkpoints import RunDirectory  # noqa: E402
-from simulations.world import World, heldout_prompts  # noqa: E402
+from client.ppo_training import SamplingSettings, generate_rollouts
+from common.config import RunConfig
+from common.model import build_reward_model, load_base, score_responses
+from common.policy_model import add_policy
+from common.ppo import kl_per_token
+from server.checkpoints import RunDirectory
+from simulations.figures import plt, save_figure
+from simulations.world import World, heldout_prompts
 
 EVAL_SAMPLES_PER_PROMPT = 2
 EVAL_SEED = 12345
@@ -141,9 +138,7 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
     bottom.set_ylabel("KL (nats per response)")
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "policy_rounds.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, run_dir / "policy_rounds.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.plot(kl, mean, marker="o")
@@ -153,9 +148,7 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
     ax.set_ylabel("true utility (mean)")
     ax.set_title("Utility bought per nat of KL (labels: round)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "policy_utility_vs_kl.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, run_dir / "policy_utility_vs_kl.png")
 
 
 def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
@@ -184,9 +177,7 @@ def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Same world, same privacy budget: " + " vs ".join(n.upper() for n in reports))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()

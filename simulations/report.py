@@ -14,17 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from client.store import PreferenceStore  # noqa: E402
-from common.config import RunConfig  # noqa: E402
-from common.model import build_reward_model, load_base  # noqa: E402
-from common.privacy import epsilon  # noqa: E402
-from server.checkpoints import RunDirectory  # noqa: E402
-from simulations.baselines import TestSet  # noqa: E402
+from client.store import PreferenceStore
+from common.config import RunConfig
+from common.model import build_reward_model, load_base
+from common.privacy import epsilon
+from server.checkpoints import RunDirectory
+from simulations.baselines import TestSet
+from simulations.figures import plt, save_figure
 
 
 @dataclass(frozen=True)
@@ -195,9 +191,7 @@ def _plot_accuracy(path: Path, report: dict[str, Any]) -> None:
     ax.set_title("Reward model accuracy per round")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_epsilon(path: Path, report: dict[str, Any]) -> None:
@@ -213,9 +207,7 @@ def _plot_epsilon(path: Path, report: dict[str, Any]) -> None:
     ax.set_ylabel(f"epsilon (delta={report['delta']:g}, {report['accountant']})")
     ax.set_title("Privacy spent per client, composed over the run")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_bytes(path: Path, report: dict[str, Any]) -> None:
@@ -244,6 +236,4 @@ def _plot_bytes(path: Path, report: dict[str, Any]) -> None:
     ax.set_ylabel("payload bytes per client")
     ax.set_title("Communication per round")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -151,7 +151,12 @@ def federate(
         )
 
 
-PPO_COMPARISON = {"policy.batch-size": 128, "policy.iterations": 2, "policy.learning-rate": 0.05}
+PPO_COMPARISON = {
+    "policy.batch-size": 128,
+    "policy.iterations": 2,
+    "policy.learning-rate": 0.05,
+    "policy.max-grad-norm": 1.0,
+}
 """PPO's own sizes for the comparison run, where the run's settings are DPO's: PPO
 prompts cost a generation each, and under DP few large steps are its best case."""
 

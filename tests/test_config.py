@@ -39,6 +39,8 @@ def test_from_flower_reads_overrides_and_keeps_defaults():
         ({"privacy.enabled": 1}, "'privacy.enabled' must be true or false"),
         ({"privacy.delta": 2.0}, "privacy.delta must be in (0, 1)"),
         ({"server.optimizer": "sgd"}, "server.optimizer must be"),
+        ({"policy.kl-bound": 0.4}, "policy.kl-bound must be >= policy.kl-target"),
+        ({"policy.max-grad-norm": 0.0}, "policy.max-grad-norm must be > 0"),
     ],
 )
 def test_bad_run_config_names_the_key(flat, message):

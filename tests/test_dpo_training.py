@@ -91,6 +91,33 @@ def test_one_gradient_per_comparison_equal_to_one_at_a_time(policy_and_tokenizer
     policy.eval()
 
 
+def test_beta_sets_where_comparisons_saturate_not_the_step_size(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    train = toy(tokenizer, 16)
+    fresh = {k: v.clone() for k, v in policy.trainable_state().items()}
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def trained(beta: float, steps: int) -> dict[str, torch.Tensor]:
+        policy.load_trainable_state(fresh)
+        optimizer = torch.optim.SGD(params, lr=0.05)
+        train_dpo(
+            policy, train, steps=steps, batch_size=16, beta=beta, optimizer=optimizer, dp=None
+        )
+        return {k: v.clone() for k, v in policy.trainable_state().items()}
+
+    # At the reference every margin is 0: the first step is the same for any beta.
+    small, large = trained(0.2, 1), trained(5.0, 1)
+    assert any(not torch.equal(small[k], fresh[k]) for k in fresh)
+    for k in fresh:
+        torch.testing.assert_close(small[k], large[k])
+    # Later, a large beta's comparisons saturate at small margins: it stays closer.
+    trained(0.2, 40)
+    far = implicit_margin(policy, train).mean()
+    trained(5.0, 40)
+    near = implicit_margin(policy, train).mean()
+    assert 0 < near < 0.5 * far, (near, far)
+
+
 @pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=0.5, max_grad_norm=1.0)])
 def test_dpo_prefers_the_chosen_responses_on_held_out_pairs(policy_and_tokenizer, dp):
     policy, tokenizer = policy_and_tokenizer

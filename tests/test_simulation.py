@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -14,9 +17,9 @@ from client.store import PreferenceStore
 from common.model import load_base
 from common.privacy import epsilon
 from simulations.flower_runtime import RAY_DIR_PREFIX
-from simulations.pretrain import PretrainConfig
+from simulations.pretrain import PretrainConfig, cache_key, train_base
 from simulations.runner import SimulationOptions, run_simulation
-from simulations.world import WorldConfig
+from simulations.world import World, WorldConfig
 from tests.test_privacy import independent_rdp_epsilon
 
 pytestmark = pytest.mark.slow
@@ -24,9 +27,13 @@ pytestmark = pytest.mark.slow
 
 def _processes_mentioning(text: str) -> list[str]:
     out = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+        # -ww: full command lines (without a terminal ps cuts them at 80 columns).
+        ["ps", "-eww", "-o", "pid,args"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+    return [line for line in out.splitlines() if text in line and "ps -eww" not in line]
 
 
 def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
@@ -115,3 +122,40 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
     )
     assert not leftovers, leftovers
     assert os.environ.get("FLWR_HOME") is None or str(run_dir) not in os.environ["FLWR_HOME"]
+
+
+def test_killed_simulate_command_stops_every_server_it_started(tmp_path):
+    """`kill <pid>` of `fedrlhf simulate` mid-run: SuperLink, SuperExec and Ray go too."""
+    world = World(WorldConfig())
+    # A quickly trained base under the default cache key, so the command skips pretraining.
+    cached = tmp_path / "cache" / cache_key(world, PretrainConfig())
+    train_base(world, PretrainConfig(corpus_size=500, steps=30), cached)
+    run_dir = tmp_path / "run"
+    command = [
+        *(sys.executable, "-m", "fedrlhf.cli", "simulate", "--no-baselines", "--orgs", "2"),
+        *("--comparisons", "60", "--cache", str(tmp_path / "cache"), "--out", str(run_dir)),
+        *("--set", "reward.rounds=50", "--set", "policy.rounds=0"),
+        *("--set", "reward.batch-size=16", "--set", "federation.min-clients=2"),
+    ]
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        # Wait until the federation runs: a round's checkpoint exists.
+        while not list((run_dir / "checkpoints").glob("reward-round-0001")):
+            assert process.poll() is None, stderr.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no reward round within 300 s"
+            time.sleep(1.0)
+        assert _processes_mentioning(str(run_dir / "flower-home"))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    time.sleep(1.0)
+    leftovers = _processes_mentioning(str(run_dir / "flower-home")) + _processes_mentioning(
+        RAY_DIR_PREFIX
+    )
+    assert not leftovers, leftovers

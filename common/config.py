@@ -141,9 +141,9 @@ class PolicyConfig:
     dpo_beta: float = 1.5
     """DPO's initial (or fixed) beta. DPO optimizes the same KL-regularized objective as
     PPO (optimum ``pi_ref * exp(r / beta)``, r the annotators' Bradley-Terry reward), so
-    the KL controller moves it like PPO's beta. Under per-comparison clipping beta
-    hardly changes the direction of the steps; it sets the margin past which a
-    comparison stops pushing, and with it where the policy settles."""
+    the KL controller moves it like PPO's beta. The steps descend the loss divided by
+    beta, so beta sets the margin past which a comparison stops pushing (where the
+    policy settles), and the learning rate alone the step size."""
 
     @property
     def initial_beta(self) -> float:

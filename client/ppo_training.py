@@ -123,8 +123,12 @@ def generate_rollouts(
     score_fn: ScoreFn,
     sampling: SamplingSettings,
     seed: int,
+    reference: bool = False,
 ) -> Rollouts:
-    """Step 1: sample, cut at EOS, score, and record old/reference log-probs and values."""
+    """Step 1: sample, cut at EOS, score, and record old/reference log-probs and values.
+
+    ``reference`` samples from the reference (adapters off) instead, for evaluation.
+    """
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -143,6 +147,7 @@ def generate_rollouts(
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        reference=reference,
     )
     prompt_width = enc["input_ids"].shape[1]
     generated = out[:, prompt_width:]

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -37,24 +37,36 @@ EOS_TOKEN = "<eos>"
 REWARD_ADAPTER = "reward"
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
-# Shape of the built-in tiny base: big enough to learn a small grammar, small enough
-# that a federated DP run over several organizations takes minutes on two cores.
-TINY_HIDDEN = 64
-TINY_LAYERS = 2
-TINY_HEADS = 4
-TINY_INTERMEDIATE = 128
-TINY_MAX_POSITIONS = 256
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The size of a small Llama-style base built from scratch."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int = 256
+
+
+TINY_SHAPE = LlamaShape(hidden=64, layers=2, heads=4, intermediate=128)
+"""The built-in tiny base: big enough to learn a small grammar, small enough that a
+federated DP run over several organizations takes minutes on two cores."""
 
 
 def build_byte_level_tokenizer(
-    corpus: Iterable[str] = (), vocab_size: int = 259
+    corpus: Iterable[str] = (), vocab_size: int = 259, lowercase: bool = False
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer: every UTF-8 text maps to tokens, nothing is <unk>.
 
     With no corpus it is pure bytes (256 symbols plus specials); with a corpus, BPE
-    merges learned from it shorten frequent words to single tokens.
+    merges learned from it shorten frequent words to single tokens. ``lowercase``
+    (like BERT's uncased models) spends no vocabulary on capitalized variants, which a
+    small vocabulary learned from a small corpus cannot afford.
     """
     tokenizer = Tokenizer(models.BPE())
+    if lowercase:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -69,16 +81,18 @@ def build_byte_level_tokenizer(
     )
 
 
-def build_tiny_base(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
-    """The built-in tiny Llama-style causal LM (random weights, fixed by ``seed``)."""
+def build_tiny_base(
+    tokenizer: PreTrainedTokenizerBase, seed: int = 0, shape: LlamaShape = TINY_SHAPE
+) -> LlamaForCausalLM:
+    """A small Llama-style causal LM of ``shape`` (random weights, fixed by ``seed``)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_HEADS,
-        max_position_embeddings=TINY_MAX_POSITIONS,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.max_positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
@@ -92,12 +106,15 @@ def build_tiny_base(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaF
 def load_base(spec: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the frozen base model and its tokenizer.
 
-    ``spec`` is a local directory or hub id (``from_pretrained``), or ``builtin:tiny``.
+    ``spec`` is a local directory or hub id (``from_pretrained``), ``builtin:tiny`` (random
+    weights, for tests) or ``builtin:english`` (:mod:`common.english_base`, pretrained on
+    this machine the first time).
     """
     if spec == BUILTIN_TINY:
         tokenizer = build_byte_level_tokenizer()
         model = build_tiny_base(tokenizer, seed)
     else:
+        spec = resolve_base(spec)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
     if tokenizer.pad_token is None:
@@ -106,6 +123,14 @@ def load_base(spec: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedToke
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def resolve_base(spec: str) -> str:
+    """``builtin:english`` as the directory of the cached English base (built first if
+    this machine has none); any other spec unchanged."""
+    from common.english_base import ENGLISH_BASE, english_base_dir
+
+    return str(english_base_dir()) if spec == ENGLISH_BASE else spec
 
 
 def lora_config(config: ModelConfig) -> LoraConfig:

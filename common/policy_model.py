@@ -76,8 +76,20 @@ class PolicyModel(nn.Module):
         return token_logprobs(logits, input_ids)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):  # noqa: ANN003, ANN201
-        """Sample from the policy (``kwargs`` go to ``transformers`` ``generate``)."""
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        reference: bool = False,
+        **kwargs,  # noqa: ANN003
+    ):  # noqa: ANN201
+        """Sample from the policy, or from the ``reference`` (every adapter off);
+        ``kwargs`` go to ``transformers`` ``generate``."""
+        if reference:
+            with keep_trainable(self.lm), self.lm.disable_adapter():
+                return self.lm.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
+                )
         with active_adapter(self.lm, POLICY_ADAPTER):
             return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -1,9 +1,11 @@
 """The ``fedrlhf`` command line.
 
 fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
-fedrlhf import --store PATH FILE.jsonl [...]
+    [--data FILE ... [--partition iid|dirichlet:ALPHA|by:FIELD] [--test FILE]]
+fedrlhf evaluate --reward DIR --data FILE | --policy DIR --prompts FILE [--reward DIR]
+fedrlhf import --store PATH FILE [...]   (JSONL, JSON, Parquet, CSV, save_to_disk folders)
 fedrlhf store-info --store PATH
-fedrlhf demo-data --org N --out FILE.jsonl
+fedrlhf demo-data [--english] --org N --out FILE.jsonl
 fedrlhf labeling-study [--out DIR]   (uncertainty-first vs random labeling, simulated)
 fedrlhf label | candidates | export | stats   (a partner's annotators; see label_commands.py)
 fedrlhf create-ca | create-node-key | superlink | register-node | supernode | launch
@@ -23,12 +25,14 @@ from pathlib import Path
 
 import transformers
 
-from client.importers import ImportFileError, import_jsonl
+from client.importers import ImportFileError, import_file
 from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
 from common.privacy import epsilon
 from fedrlhf.deploy_commands import add_deployment_commands
+from fedrlhf.evaluate_commands import add_evaluate_command
 from fedrlhf.label_commands import add_label_commands
+from simulations.partitions import PartitionError
 
 
 def _parse_override(text: str) -> tuple[str, bool | int | float | str]:
@@ -45,18 +49,34 @@ def _parse_override(text: str) -> tuple[str, bool | int | float | str]:
 
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.runner import SimulationOptions, run_simulation
+    from simulations.user_data import DataOptions
     from simulations.world import WorldConfig
 
     overrides = dict(args.set or [])
     RunConfig().replace(**overrides)  # refuse unknown keys before any work
     world = WorldConfig()
-    if args.orgs:
-        world = replace(world, organizations=args.orgs)
-    if args.comparisons:
-        world = replace(world, comparisons_per_org=args.comparisons)
+    data = None
+    if args.data:
+        data = DataOptions(
+            files=tuple(Path(p) for p in args.data),
+            partition=args.partition,
+            partition_by=args.partition_by,
+            organizations=args.orgs,
+            test=Path(args.test) if args.test else None,
+            test_fraction=args.test_fraction,
+            seed=int(overrides.get("seed", 0)),
+        )
+    elif args.partition or args.test or args.partition_by:
+        raise ConfigError("--partition, --partition-by and --test need --data")
+    else:
+        if args.orgs:
+            world = replace(world, organizations=args.orgs)
+        if args.comparisons:
+            world = replace(world, comparisons_per_org=args.comparisons)
     options = SimulationOptions(
         out_dir=Path(args.out),
         world=world,
+        data=data,
         overrides=overrides,
         baselines=not args.no_baselines,
         compare_objectives=args.compare_objectives,
@@ -71,7 +91,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     with PreferenceStore(args.store) as store:
         for path in args.files:
-            report = import_jsonl(store, path, annotator=args.annotator)
+            report = import_file(store, path, annotator=args.annotator)
             print(
                 f"{path}: {report.comparisons} comparisons, {report.added} added, {report.duplicates} already present"
             )
@@ -98,6 +118,8 @@ def _labeling_study(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    if args.english:
+        return _english_demo_data(args)
     from simulations.world import World, WorldConfig
 
     world = World(replace(WorldConfig(), organizations=max(args.org + 1, 2)))
@@ -107,6 +129,30 @@ def _demo_data(args: argparse.Namespace) -> int:
             line = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
             f.write(json.dumps({**line, "annotator": f"demo-{args.org}"}) + "\n")
     print(f"{out}: {min(args.comparisons, world.config.comparisons_per_org)} comparisons")
+    return 0
+
+
+def _english_demo_data(args: argparse.Namespace) -> int:
+    from simulations.english_preferences import (
+        EnglishPreferences,
+        EnglishPreferencesConfig,
+        bayes_ceiling,
+    )
+
+    config = replace(
+        EnglishPreferencesConfig(),
+        organizations=max(args.org + 1, args.orgs),
+        comparisons_per_org=args.comparisons,
+        seed=args.seed,
+    )
+    data = EnglishPreferences(config)
+    rows = data.test_rows() if args.test else data.organization_rows(args.org)
+    out = Path(args.out)
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    what = "test comparisons (all organizations)" if args.test else f"comparisons of org-{args.org}"
+    print(f"{out}: {len(rows)} {what}; Bayes ceiling {bayes_ceiling(rows):.3f}")
     return 0
 
 
@@ -133,7 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs/simulation", help="run directory (report, plots, checkpoints)"
     )
     sim.add_argument("--orgs", type=int, help="number of simulated organizations")
-    sim.add_argument("--comparisons", type=int, help="comparisons per organization")
+    sim.add_argument(
+        "--comparisons", type=int, help="comparisons per organization (synthetic world)"
+    )
+    sim.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="your own preference data instead of the synthetic world: one file (JSONL, "
+        "JSON, Parquet, CSV or save_to_disk folder) per organization, or one to --partition "
+        "(repeatable)",
+    )
+    sim.add_argument(
+        "--partition",
+        metavar="SPEC",
+        help="split one --data set into --orgs organizations: iid, dirichlet:ALPHA (with "
+        "--partition-by FIELD), or by:FIELD (one organization per value of FIELD)",
+    )
+    sim.add_argument("--partition-by", metavar="FIELD", help="the column dirichlet:ALPHA skews")
+    sim.add_argument("--test", metavar="FILE", help="labeled test comparisons no one trains on")
+    sim.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="without --test, the share of the data held out as the test set (default 0.1)",
+    )
     sim.add_argument(
         "--set",
         action="append",
@@ -165,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "files",
         nargs="+",
-        help="JSONL files: prompt/chosen/rejected or Anthropic-HH chosen/rejected",
+        help="prompt/chosen/rejected or Anthropic-HH chosen/rejected rows: JSONL, JSON, "
+        "Parquet, CSV, or a Dataset.save_to_disk folder",
     )
     imp.set_defaults(func=_import)
 
@@ -182,7 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--org", type=int, default=0, help="which simulated organization")
     demo.add_argument("--comparisons", type=int, default=500)
     demo.add_argument("--out", required=True, help="JSONL file to write")
+    demo.add_argument(
+        "--english",
+        action="store_true",
+        help="everyday English preference data (simulations/english_preferences.py) instead "
+        "of the synthetic world's grammar",
+    )
+    demo.add_argument("--orgs", type=int, default=3, help="--english: organizations in all")
+    demo.add_argument("--seed", type=int, default=0, help="--english: which data set")
+    demo.add_argument(
+        "--test", action="store_true", help="--english: the test set (all organizations alike)"
+    )
     demo.set_defaults(func=_demo_data)
+
+    add_evaluate_command(sub)
 
     study = sub.add_parser(
         "labeling-study",
@@ -212,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
-    except (ImportFileError, StoreError, ConfigError, FileNotFoundError, FileExistsError) as exc:
+    except (
+        ImportFileError,
+        PartitionError,
+        StoreError,
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

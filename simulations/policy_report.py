@@ -1,16 +1,19 @@
-"""The policy part of the simulation's report: what the policy rounds bought, in truth.
+"""The policy part of the simulation's report: what the policy rounds bought.
 
 Every policy checkpoint (round 0 is the fresh adapter, i.e. the reference) generates
-responses to the world's held-out prompts, which no store holds. Each response is
-scored by the world's hidden utility (the organizations' mean), by the federation's
-reward model, and its KL to the reference is measured on the same samples. The
+responses to held-out prompts that no store holds. Each response is scored by the
+federation's reward model, its KL to the reference is measured on the same samples,
+and its reward-model win rate over the reference's samples (round 0, same prompts
+and seeds) is counted. In the synthetic world each response is also scored by the
+hidden utility (the organizations' mean), which real deployments cannot know. The
 round lines join the server's metrics (beta, trust region, the clients' aggregated
-KL and score) and the plots show utility and KL per round, and utility against KL.
+KL and score) and the plots show utility (or reward score) and KL per round.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +27,20 @@ from common.policy_model import add_policy
 from common.ppo import kl_per_token
 from server.checkpoints import RunDirectory
 from simulations.figures import plt, save_figure
-from simulations.world import World, heldout_prompts
 
 EVAL_SAMPLES_PER_PROMPT = 2
 EVAL_SEED = 12345
 """Every checkpoint samples with the same seed: differences are the policy's."""
 
 
-def policy_rounds(config: RunConfig, run_dir: Path, world: World) -> list[dict[str, Any]]:
-    """True utility, reward score and KL of each policy checkpoint's generations."""
+UtilityFn = Callable[[str, str], float]
+"""(prompt, response) -> the hidden true utility (the synthetic world only)."""
+
+
+def policy_rounds(
+    config: RunConfig, run_dir: Path, prompts: list[str], utility: UtilityFn | None
+) -> list[dict[str, Any]]:
+    """Reward score, KL, win rate (and true utility) of each policy checkpoint's samples."""
     run = RunDirectory(run_dir)
     checkpoints = sorted(run.checkpoints.glob("policy-round-*"))
     if not checkpoints:
@@ -40,13 +48,14 @@ def policy_rounds(config: RunConfig, run_dir: Path, world: World) -> list[dict[s
     base, tokenizer = load_base(config.model.base, seed=config.seed)
     reward = build_reward_model(base, config.model, seed=config.seed)
     policy = add_policy(reward.lm, config.policy_model, seed=config.seed + 1)
-    prompts = heldout_prompts() * EVAL_SAMPLES_PER_PROMPT
+    prompts = prompts * EVAL_SAMPLES_PER_PROMPT
     sampling = SamplingSettings.of(config.policy)
     history = [
         json.loads(line) for line in run.metrics_file.read_text().splitlines() if line.strip()
     ]
     trained = {h["round"]: h for h in history if h["phase"] == "policy" and h["task"] == "train"}
     rows = []
+    reference_scores = None
     for checkpoint in checkpoints:
         saved = run.load(checkpoint)
         reward.load_trainable_state(saved.reward)
@@ -57,77 +66,94 @@ def policy_rounds(config: RunConfig, run_dir: Path, world: World) -> list[dict[s
             return score_responses(reward, tokenizer, p, r, config.model.max_length)
 
         rollouts = generate_rollouts(policy, tokenizer, prompts, score, sampling, EVAL_SEED)
-        utility = np.array(
-            [
-                world.federation_utility(p, r)
-                for p, r in zip(prompts, rollouts.responses, strict=True)
-            ]
-        )
         kl = kl_per_token(rollouts.logp_old, rollouts.logp_ref, "k1") * rollouts.response_mask
+        if reference_scores is None:
+            reference_scores = rollouts.scores
+        gap = (rollouts.scores - reference_scores).numpy()
         server = trained.get(round_ + 1, {})  # round r + 1 started from this checkpoint
-        rows.append(
-            {
-                "round": round_,
-                "true_utility_mean": float(utility.mean()),
-                "true_utility_sd": float(utility.std()),
-                "reward_score_mean": float(rollouts.scores.mean()),
-                "kl_to_reference": float(kl.sum(dim=1).mean()),
-                "ended_share": float(rollouts.ended.float().mean()),
-                "beta": server.get("beta", saved.state.kl_controller.get("beta")),
-                "clients_score": server.get("score"),
-                "clients_kl": server.get("kl"),
-                "trust_region_scale": trained.get(round_, {}).get("trust_region_scale"),
-                "epsilon_mean": trained.get(round_, {}).get("epsilon_mean"),
-                "example": f"{prompts[0]} -> {rollouts.responses[0]}",
-            }
-        )
+        row = {
+            "round": round_,
+            "reward_score_mean": float(rollouts.scores.mean()),
+            "win_rate_vs_reference": float(
+                np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0)).mean()
+            ),
+            "kl_to_reference": float(kl.sum(dim=1).mean()),
+            "ended_share": float(rollouts.ended.float().mean()),
+            "beta": server.get("beta", saved.state.kl_controller.get("beta")),
+            "clients_score": server.get("score"),
+            "clients_kl": server.get("kl"),
+            "trust_region_scale": trained.get(round_, {}).get("trust_region_scale"),
+            "epsilon_mean": trained.get(round_, {}).get("epsilon_mean"),
+            "example": f"{prompts[0]} -> {rollouts.responses[0]}",
+        }
+        if utility is not None:
+            values = np.array(
+                [utility(p, r) for p, r in zip(prompts, rollouts.responses, strict=True)]
+            )
+            row.update(true_utility_mean=float(values.mean()), true_utility_sd=float(values.std()))
+        rows.append(row)
     return rows
 
 
 def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline figures and checks of the policy phase."""
     reference, final = rows[0], rows[-1]
-    gain = final["true_utility_mean"] - reference["true_utility_mean"]
-    margin = gain / reference["true_utility_sd"] if reference["true_utility_sd"] > 0 else 0.0
     target = config.policy.kl_target
-    summary = {
+    summary: dict[str, Any] = {
         "objective": config.policy.objective,
-        "reference_true_utility": reference["true_utility_mean"],
-        "reference_true_utility_sd": reference["true_utility_sd"],
-        "final_true_utility": final["true_utility_mean"],
-        "final_true_utility_sd": final["true_utility_sd"],
-        "utility_gain_in_reference_sd": margin,
         "final_kl_to_reference": final["kl_to_reference"],
+        "final_win_rate_vs_reference": final["win_rate_vs_reference"],
+        "reference_reward_score": reference["reward_score_mean"],
+        "final_reward_score": final["reward_score_mean"],
         "kl_target": target,
         "kl_bound": config.policy.kl_bound,
         "final_beta": final["beta"],
     }
-    summary["checks"] = {
-        "final policy's true utility above the reference's": gain > 0,
-        "true utility gain >= 1 reference SD": margin >= 1.0,
+    checks = {
         "final KL within the trust-region bound": final["kl_to_reference"]
         <= config.policy.kl_bound,
     }
+    if "true_utility_mean" in reference:
+        gain = final["true_utility_mean"] - reference["true_utility_mean"]
+        sd = reference["true_utility_sd"]
+        margin = gain / sd if sd > 0 else 0.0
+        summary.update(
+            reference_true_utility=reference["true_utility_mean"],
+            reference_true_utility_sd=sd,
+            final_true_utility=final["true_utility_mean"],
+            final_true_utility_sd=final["true_utility_sd"],
+            utility_gain_in_reference_sd=margin,
+        )
+        checks["final policy's true utility above the reference's"] = gain > 0
+        checks["true utility gain >= 1 reference SD"] = margin >= 1.0
+    else:
+        checks["the federation's reward model prefers the final policy (win rate > 0.5)"] = (
+            final["win_rate_vs_reference"] > 0.5
+        )
     if config.policy.kl_control == "adaptive":
-        summary["checks"]["final KL within 50% of the KL target"] = (
+        checks["final KL within 50% of the KL target"] = (
             abs(final["kl_to_reference"] - target) <= 0.5 * target
         )
+    summary["checks"] = checks
     return summary
 
 
 def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) -> None:
     rounds = [r["round"] for r in rows]
-    mean = np.array([r["true_utility_mean"] for r in rows])
-    sd = np.array([r["true_utility_sd"] for r in rows])
+    truth = "true_utility_mean" in rows[0]
+    mean = np.array([r["true_utility_mean" if truth else "reward_score_mean"] for r in rows])
+    what = "true utility" if truth else "reward-model score"
     kl = [r["kl_to_reference"] for r in rows]
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     top.plot(rounds, mean, marker="o", label="policy's generations (mean)")
-    top.fill_between(rounds, mean - sd, mean + sd, alpha=0.15, label="+-1 SD")
     top.axhline(mean[0], color="black", linestyle="--", label="reference (base model)")
-    top.axhline(mean[0] + sd[0], color="gray", linestyle=":", label="reference + 1 SD")
-    top.set_ylabel("true utility (held-out prompts)")
-    top.set_title(f"Policy rounds ({config.policy.objective}): true utility and KL")
+    if truth:
+        sd = np.array([r["true_utility_sd"] for r in rows])
+        top.fill_between(rounds, mean - sd, mean + sd, alpha=0.15, label="+-1 SD")
+        top.axhline(mean[0] + sd[0], color="gray", linestyle=":", label="reference + 1 SD")
+    top.set_ylabel(f"{what} (held-out prompts)")
+    top.set_title(f"Policy rounds ({config.policy.objective}): {what} and KL")
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
     bottom.plot(rounds, kl, marker="s", color="tab:orange", label="KL to reference")
@@ -145,8 +171,8 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
     for r, x, y in zip(rounds, kl, mean, strict=True):
         ax.annotate(str(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("KL to reference (nats per response)")
-    ax.set_ylabel("true utility (mean)")
-    ax.set_title("Utility bought per nat of KL (labels: round)")
+    ax.set_ylabel(f"{what} (mean)")
+    ax.set_title(f"{what.capitalize()} bought per nat of KL (labels: round)")
     ax.grid(alpha=0.3)
     save_figure(fig, run_dir / "policy_utility_vs_kl.png")
 
@@ -181,9 +207,11 @@ def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
 
 
 @torch.no_grad()
-def build_policy_report(config: RunConfig, run_dir: Path, world: World) -> dict[str, Any] | None:
+def build_policy_report(
+    config: RunConfig, run_dir: Path, prompts: list[str], utility: UtilityFn | None = None
+) -> dict[str, Any] | None:
     """The ``policy`` section of report.json (None when the run had no policy rounds)."""
-    rows = policy_rounds(config, run_dir, world)
+    rows = policy_rounds(config, run_dir, prompts, utility)
     if not rows:
         return None
     plot_policy(run_dir, rows, config)

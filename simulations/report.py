@@ -1,8 +1,10 @@
-"""The simulation's report: what the federation learned, against the truth.
+"""The simulation's report: what the federation learned, against its baselines.
 
 Reads the server's run directory (checkpoints, metrics) and the simulated clients'
-stores (ledgers), scores every round's global reward model on the world's test set,
-and writes ``report.json``, ``rounds.csv`` and PNG plots next to them.
+stores (ledgers), scores every round's global reward model on the test set (the
+world's, or the researcher's labeled test file), and writes ``report.json``,
+``rounds.csv`` and PNG plots next to them, with one plain sentence on what
+federation and DP cost on this data.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from simulations.figures import plt, save_figure
 class Baselines:
     centralized: float
     single_org: list[float]
-    bayes: float
+    bayes: float | None
+    """The Bayes-optimal accuracy (known in the synthetic world only)."""
+    centralized_dp: float | None = None
 
 
 def round_accuracies(config: RunConfig, run: RunDirectory, test: TestSet) -> dict[int, float]:
@@ -57,13 +61,13 @@ def build_report(
     stores: list[Path],
     test: TestSet,
     baselines: Baselines,
-    world: dict[str, Any],
+    scenario: dict[str, Any],
 ) -> dict[str, Any]:
     eps = client_epsilons(config, stores)
     privacy = {
         "dp": config.privacy.enabled,
         "secure_aggregation": config.federation.secure_aggregation,
-        "world": world,
+        **scenario,
         "epsilon_per_client": eps,
         "epsilon_budget": config.privacy.epsilon,
         "delta": config.privacy.delta,
@@ -100,7 +104,6 @@ def build_report(
             {
                 "round": r,
                 "test_accuracy": acc,
-                "bayes_ceiling": baselines.bayes,
                 "federated_heldout_accuracy": fed.get("fed_eval_accuracy"),
                 "train_loss": trained.get("train_loss"),
                 "epsilon_mean": trained.get("epsilon_mean", 0.0),
@@ -114,28 +117,57 @@ def build_report(
     full_bytes = history[0]["full_model_bytes"] if history else 0
     report = {
         **privacy,
+        "test_comparisons": len(test),
         "bayes_ceiling": baselines.bayes,
         "centralized_non_dp_accuracy": baselines.centralized,
+        "centralized_dp_accuracy": baselines.centralized_dp,
         "single_org_accuracies": baselines.single_org,
         "single_org_median_accuracy": median_single,
         "federated_final_accuracy": final,
         "federated_minus_centralized_points": 100 * (final - baselines.centralized),
-        "centralized_share_of_bayes": baselines.centralized / baselines.bayes,
-        "federated_share_of_bayes": final / baselines.bayes,
         "adapter_bytes": adapter_bytes,
         "full_model_bytes": full_bytes,
         "model_to_adapter_ratio": full_bytes / adapter_bytes if adapter_bytes else None,
         "rounds": rounds,
     }
+    checks = {}
+    if baselines.bayes is not None:
+        report["centralized_share_of_bayes"] = baselines.centralized / baselines.bayes
+        report["federated_share_of_bayes"] = final / baselines.bayes
+        checks["centralized >= 95% of Bayes"] = report["centralized_share_of_bayes"] >= 0.95
     report["checks"] = {
-        "centralized >= 95% of Bayes": report["centralized_share_of_bayes"] >= 0.95,
+        **checks,
         "federated within 3 points of centralized": report["federated_minus_centralized_points"]
         >= -3.0,
         "federated beats median single organization": final > median_single,
         **privacy_checks,
     }
+    report["summary"] = cost_sentence(report)
     _write(run_dir, report)
     return report
+
+
+def cost_sentence(report: dict[str, Any]) -> str:
+    """What federation and DP cost on this data, in one sentence a person reads."""
+    dp = "with DP" if report["dp"] else "without DP"
+    sa = " and SecAgg+" if report["secure_aggregation"] else ""
+    fed, central = report["federated_final_accuracy"], report["centralized_non_dp_accuracy"]
+    text = (
+        f"On this data the federation {dp}{sa} reaches {fed:.3f} test accuracy, "
+        f"{abs(fed - central) * 100:.1f} points {'below' if fed < central else 'above'} "
+        f"training centrally on the pooled data without DP ({central:.3f})"
+    )
+    central_dp = report.get("centralized_dp_accuracy")
+    if central_dp is not None:
+        text += (
+            f"; DP alone, centrally at the same epsilon, costs "
+            f"{(central - central_dp) * 100:.1f} points ({central_dp:.3f}), so federation "
+            f"itself costs {(central_dp - fed) * 100:.1f}"
+        )
+    single = report["single_org_median_accuracy"]
+    if single == single:  # not NaN (no baselines)
+        text += f"; the median organization alone reaches {single:.3f}"
+    return text + "."
 
 
 def _write(run_dir: Path, report: dict[str, Any]) -> None:
@@ -170,16 +202,26 @@ def _plot_accuracy(path: Path, report: dict[str, Any]) -> None:
             marker=".",
             label="federated evaluation (clients' held-out labels)",
         )
-    ax.axhline(
-        report["bayes_ceiling"], color="black", linestyle="--", label="Bayes-optimal ceiling"
-    )
-    ax.axhline(0.95 * report["bayes_ceiling"], color="gray", linestyle=":", label="95% of ceiling")
+    if report["bayes_ceiling"] is not None:
+        ax.axhline(
+            report["bayes_ceiling"], color="black", linestyle="--", label="Bayes-optimal ceiling"
+        )
+        ax.axhline(
+            0.95 * report["bayes_ceiling"], color="gray", linestyle=":", label="95% of ceiling"
+        )
     ax.axhline(
         report["centralized_non_dp_accuracy"],
         color="green",
         linestyle="-.",
         label="centralized, non-DP",
     )
+    if report.get("centralized_dp_accuracy") is not None:
+        ax.axhline(
+            report["centralized_dp_accuracy"],
+            color="purple",
+            linestyle="--",
+            label="centralized, DP (same epsilon)",
+        )
     ax.axhline(
         report["single_org_median_accuracy"],
         color="red",
@@ -187,7 +229,9 @@ def _plot_accuracy(path: Path, report: dict[str, Any]) -> None:
         label="single organization (median)",
     )
     ax.set_xlabel("reward round")
-    ax.set_ylabel("test accuracy (expected, vs. annotators)")
+    ax.set_ylabel(
+        "test accuracy" + ("" if report["bayes_ceiling"] is None else " (expected, vs. annotators)")
+    )
     ax.set_title("Reward model accuracy per round")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)

@@ -1,11 +1,13 @@
 """The one-machine simulation, end to end.
 
-1. build the synthetic world; pretrain (or load the cached) tiny base on its text;
-2. fill one SQLite store per simulated organization with its annotators' labels;
-3. train the baselines (centralized non-DP, each organization alone);
+1. the organizations: the synthetic world (its tiny base pretrained on its text, once),
+   or a researcher's own data (``--data``, split per file or by a partitioner);
+2. fill one SQLite store per organization;
+3. train the baselines on the same data (centralized non-DP and DP, each organization
+   alone);
 4. run the real ServerApp and ClientApp under Flower's simulation engine
    (``flwr run`` against our own loopback SuperLink), showing progress;
-5. score every round's checkpoint against the world's truth and write the report.
+5. score every round's checkpoint on the test set and write the report.
 """
 
 from __future__ import annotations
@@ -24,15 +26,23 @@ from rich.table import Table
 
 from client.store import NewComparison, PreferenceStore
 from common.config import RunConfig
-from common.model import load_base
+from common.english_base import default_cache_dir
+from common.model import load_base, resolve_base
 from common.processes import APP_DIR, stop_process_tree, write_run_config
 from server.checkpoints import RunDirectory
-from simulations.baselines import build_test_set, train_non_dp
+from simulations.baselines import (
+    TestSet,
+    build_test_set,
+    labeled_test_set,
+    train_dp_central,
+    train_non_dp,
+)
 from simulations.flower_runtime import SimulationSuperLink
 from simulations.policy_report import build_policy_report, plot_objectives
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
-from simulations.world import World, WorldConfig, bayes_accuracy
+from simulations.user_data import DataOptions, UserData
+from simulations.world import World, WorldConfig, heldout_prompts
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -45,9 +55,11 @@ BASELINE_EPOCHS = 8.0
 class SimulationOptions:
     out_dir: Path
     world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataOptions | None = None
+    """A researcher's own preference data instead of the synthetic world."""
     overrides: dict[str, bool | int | float | str] = field(default_factory=dict)
     """Run-config overrides (flat keys, as for ``flwr run --run-config``)."""
-    cache_dir: Path = Path.home() / ".cache" / "fedrlhf"
+    cache_dir: Path = field(default_factory=default_cache_dir)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     baselines: bool = True
     compare_objectives: bool = False
@@ -78,17 +90,87 @@ def fill_stores(world: World, config: RunConfig, stores_dir: Path) -> list[Path]
     return paths
 
 
-def _run_baselines(config: RunConfig, stores: list[Path], test) -> Baselines:  # noqa: ANN001
+POLICY_EVAL_PROMPTS = 64
+"""Distinct test prompts a user-data run's policy checkpoints are judged on."""
+
+
+class WorldScenario:
+    """The synthetic world: its truth scores the reward model and the policy."""
+
+    def __init__(self, options: SimulationOptions) -> None:
+        self.world = World(options.world)
+        self.options = options
+        self.organizations = options.world.organizations
+
+    def base(self, overrides: dict) -> str:
+        return str(pretrained_base(self.world, self.options.cache_dir, self.options.pretrain))
+
+    def fill_stores(self, config: RunConfig, run_dir: Path) -> list[Path]:
+        return fill_stores(self.world, config, run_dir / "stores")
+
+    def test_set(self, tokenizer, max_length: int) -> TestSet:  # noqa: ANN001
+        return build_test_set(self.world, tokenizer, max_length)
+
+    def describe(self) -> dict:
+        return {
+            "world": {
+                **asdict(self.options.world),
+                "organization_tilts": [o.tilt for o in self.world.organizations],
+            }
+        }
+
+    def policy_report(self, config: RunConfig, run_dir: Path) -> dict | None:
+        return build_policy_report(
+            config, run_dir, heldout_prompts(), self.world.federation_utility
+        )
+
+
+class DataScenario:
+    """A researcher's own comparisons: judged by their labels, no hidden truth."""
+
+    def __init__(self, options: SimulationOptions) -> None:
+        assert options.data is not None
+        self.data = UserData.load(options.data)
+        self.organizations = len(self.data.organizations)
+
+    def base(self, overrides: dict) -> str:
+        return resolve_base(str(overrides.get("model.base", RunConfig().model.base)))
+
+    def fill_stores(self, config: RunConfig, run_dir: Path) -> list[Path]:
+        return self.data.fill_stores(run_dir / "data", run_dir / "stores")
+
+    def test_set(self, tokenizer, max_length: int) -> TestSet:  # noqa: ANN001
+        return labeled_test_set(self.data.test, tokenizer, max_length)
+
+    def describe(self) -> dict:
+        return {"data": {"organizations": self.data.names, **self.data.description}}
+
+    def policy_report(self, config: RunConfig, run_dir: Path) -> dict | None:
+        prompts = list(dict.fromkeys(c.prompt for c in self.data.test))[:POLICY_EVAL_PROMPTS]
+        return build_policy_report(config, run_dir, prompts)
+
+
+Scenario = WorldScenario | DataScenario
+
+
+def _run_baselines(config: RunConfig, stores: list[Path], test: TestSet) -> Baselines:
     split = config.reward.heldout_fraction
     per_org = []
     for path in stores:
         with PreferenceStore(path) as store:
             per_org.append(store.comparisons("train", split))
+    pooled = [c for org in per_org for c in org]
     with console.status("baseline: centralized, non-DP, all organizations' data"):
-        centralized = test.accuracy(
-            train_non_dp(config, [c for org in per_org for c in org], BASELINE_EPOCHS, 1)
-        )
+        centralized = test.accuracy(train_non_dp(config, pooled, BASELINE_EPOCHS, 1))
     console.print(f"baseline centralized non-DP accuracy {centralized:.4f}")
+    central_dp = None
+    if config.privacy.enabled and config.reward.rounds > 0:
+        with console.status(f"baseline: centralized, DP at epsilon {config.reward_epsilon:g}"):
+            model, sigma = train_dp_central(config, pooled, 1)
+            central_dp = test.accuracy(model)
+        console.print(
+            f"baseline centralized DP accuracy {central_dp:.4f} (noise multiplier {sigma:.3f})"
+        )
     single = []
     for i, comparisons in enumerate(per_org):
         with console.status(f"baseline: org-{i} alone, non-DP"):
@@ -96,7 +178,7 @@ def _run_baselines(config: RunConfig, stores: list[Path], test) -> Baselines:  #
     console.print(
         "baseline single-organization accuracies " + ", ".join(f"{a:.4f}" for a in single)
     )
-    return Baselines(centralized, single, bayes_accuracy(test.probabilities))
+    return Baselines(centralized, single, test.bayes_ceiling, central_dp)
 
 
 def federate(
@@ -162,7 +244,11 @@ prompts cost a generation each, and under DP few large steps are its best case."
 
 
 def _run_other_objective(
-    world: World, config: RunConfig, overrides: dict, run_dir: Path, options: SimulationOptions
+    scenario: Scenario,
+    config: RunConfig,
+    overrides: dict,
+    run_dir: Path,
+    options: SimulationOptions,
 ) -> dict:
     """The policy phase with the other objective, on fresh stores of the same world and
     the same budget (reward rounds included, as PPO needs them)."""
@@ -176,12 +262,12 @@ def _run_other_objective(
         "policy.objective": other,
     }
     other_config = RunConfig().replace(**other_overrides)
-    fill_stores(world, other_config, other_dir / "stores")
+    scenario.fill_stores(other_config, other_dir)
     clear_run(other_dir)
-    console.print(f"[bold]{other.upper()} on the same world[/bold] -> {other_dir}")
-    federate(other_config, other_overrides, other_dir, options.world.organizations, options.timeout)
+    console.print(f"[bold]{other.upper()} on the same data[/bold] -> {other_dir}")
+    federate(other_config, other_overrides, other_dir, scenario.organizations, options.timeout)
     with console.status(f"generating with every {other.upper()} round's policy"):
-        return build_policy_report(other_config, other_dir, world)
+        return scenario.policy_report(other_config, other_dir)
 
 
 def _progress_line(last: dict) -> str:
@@ -207,44 +293,42 @@ def run_simulation(options: SimulationOptions) -> dict:
     run_dir = options.out_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    world = World(options.world)
+    scenario: Scenario = DataScenario(options) if options.data else WorldScenario(options)
     console.print(f"[bold]fedrlhf simulation[/bold] -> {run_dir}")
-    base_dir = pretrained_base(world, options.cache_dir, options.pretrain)
+    base = scenario.base(options.overrides)
     stores_dir = run_dir / "stores"
     overrides = {
         **options.overrides,
         "run-dir": str(run_dir),
-        "model.base": str(base_dir),
+        "model.base": base,
         "client.store": str(stores_dir / "org-{partition-id}.sqlite"),
         "federation.min-clients": options.overrides.get(
-            "federation.min-clients", options.world.organizations
+            "federation.min-clients", scenario.organizations
         ),
     }
     config = RunConfig().replace(**overrides)
-    stores = fill_stores(world, config, stores_dir)
-    console.print(
-        f"{len(stores)} organizations, {options.world.comparisons_per_org} comparisons each, stores in {stores_dir}"
-    )
+    stores = scenario.fill_stores(config, run_dir)
+    with PreferenceStore(stores[0]) as first:
+        console.print(
+            f"{len(stores)} organizations ({first.counts()['comparisons']} comparisons in the "
+            f"first), stores in {stores_dir}"
+        )
 
-    _, tokenizer = load_base(str(base_dir))
-    test = build_test_set(world, tokenizer, config.model.max_length)
+    _, tokenizer = load_base(base)
+    test = scenario.test_set(tokenizer, config.model.max_length)
     if options.baselines:
         baselines = _run_baselines(config, stores, test)
     else:
-        baselines = Baselines(float("nan"), [float("nan")], bayes_accuracy(test.probabilities))
+        baselines = Baselines(float("nan"), [float("nan")], test.bayes_ceiling)
     clear_run(run_dir)
-    federate(config, overrides, run_dir, options.world.organizations, options.timeout)
+    federate(config, overrides, run_dir, scenario.organizations, options.timeout)
 
-    with console.status("scoring every round's reward model against the world's truth"):
-        world_info = {
-            **asdict(options.world),
-            "organization_tilts": [o.tilt for o in world.organizations],
-        }
-        report = build_report(config, run_dir, stores, test, baselines, world_info)
+    with console.status("scoring every round's reward model on the test set"):
+        report = build_report(config, run_dir, stores, test, baselines, scenario.describe())
     with console.status("generating with every round's policy on held-out prompts"):
-        report["policy"] = build_policy_report(config, run_dir, world)
+        report["policy"] = scenario.policy_report(config, run_dir)
     if options.compare_objectives and report["policy"]:
-        other = _run_other_objective(world, config, overrides, run_dir, options)
+        other = _run_other_objective(scenario, config, overrides, run_dir, options)
         report["comparison"] = other
         plot_objectives(
             run_dir / "ppo_vs_dpo.png",
@@ -263,8 +347,13 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     dp = "DP" if report["dp"] else "DP OFF"
     sa = " + SecAgg+" if report["secure_aggregation"] else ""
     if "federated_final_accuracy" in report:
-        table.add_row("reward model: Bayes-optimal ceiling", f"{report['bayes_ceiling']:.4f}")
+        if report["bayes_ceiling"] is not None:
+            table.add_row("reward model: Bayes-optimal ceiling", f"{report['bayes_ceiling']:.4f}")
         table.add_row("centralized, non-DP", f"{report['centralized_non_dp_accuracy']:.4f}")
+        if report["centralized_dp_accuracy"] is not None:
+            table.add_row(
+                "centralized, DP (same epsilon)", f"{report['centralized_dp_accuracy']:.4f}"
+            )
         table.add_row("single organization, median", f"{report['single_org_median_accuracy']:.4f}")
         table.add_row(f"federated + {dp}{sa}, final", f"{report['federated_final_accuracy']:.4f}")
         table.add_row(
@@ -278,13 +367,18 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     )
     table.add_row("wall time", f"{report['seconds']:.0f} s")
     policy = report.get("policy")
-    if policy:
+    if policy and "final_true_utility" in policy:
         table.add_row(
             f"policy ({policy['objective']}): true utility, reference -> final",
             f"{policy['reference_true_utility']:.3f} -> {policy['final_true_utility']:.3f}",
         )
         table.add_row(
             "utility gain in reference SDs", f"{policy['utility_gain_in_reference_sd']:+.2f}"
+        )
+    if policy:
+        table.add_row(
+            f"policy ({policy['objective']}): reward-model win rate over the reference",
+            f"{policy['final_win_rate_vs_reference']:.3f}",
         )
         table.add_row(
             "final KL to reference (target)",
@@ -294,11 +388,14 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     if other:
         table.add_row(
             f"{other['objective'].upper()} instead: true utility, reference -> final",
-            f"{other['reference_true_utility']:.3f} -> {other['final_true_utility']:.3f} "
-            f"({other['utility_gain_in_reference_sd']:+.2f} SD, "
+            f"{other.get('reference_true_utility', float('nan')):.3f} -> "
+            f"{other.get('final_true_utility', float('nan')):.3f} "
+            f"({other.get('utility_gain_in_reference_sd', float('nan')):+.2f} SD, "
             f"KL {other['final_kl_to_reference']:.2f})",
         )
     console.print(table)
+    if "summary" in report:
+        console.print(report["summary"])
     checks = {**report["checks"], **(policy["checks"] if policy else {})}
     for check, ok in checks.items():
         console.print(f"  {'[green]PASS' if ok else '[red]FAIL'}[/] {check}")

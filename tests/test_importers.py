@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from client.importers import ImportFileError, import_jsonl, read_comparisons
+from client.importers import ImportFileError, import_file, read_comparisons, read_prompts
 from client.store import PreferenceStore
 
 
@@ -45,9 +45,9 @@ def store(tmp_path):
 
 def test_import_all_formats_and_is_idempotent(store, tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", [*GOOD, HH, CONVERSATIONAL])
-    first = import_jsonl(store, path)
+    first = import_file(store, path)
     assert (first.comparisons, first.added, first.duplicates) == (4, 4, 0)
-    again = import_jsonl(store, path)
+    again = import_file(store, path)
     assert (again.added, again.duplicates) == (0, 4)
     rows = store.comparisons()
     assert len(rows) == 4 and store.counts()["prompts"] == 4
@@ -96,11 +96,11 @@ def test_import_all_formats_and_is_idempotent(store, tmp_path):
 def test_malformed_line_names_file_and_line_and_leaves_store_unchanged(
     store, tmp_path, bad_line, message
 ):
-    import_jsonl(store, write_jsonl(tmp_path / "before.jsonl", GOOD[:1]))
+    import_file(store, write_jsonl(tmp_path / "before.jsonl", GOOD[:1]))
     before = store.snapshot()
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD[1], b"", bad_line, HH])
     with pytest.raises(ImportFileError, match=message) as info:
-        import_jsonl(store, path)
+        import_file(store, path)
     assert info.value.line == 3 and str(info.value).startswith(f"{path}:3: ")
     assert store.snapshot() == before
 
@@ -110,3 +110,87 @@ def test_empty_file_is_refused(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(ImportFileError, match="no comparisons"):
         read_comparisons(path)
+
+
+def test_a_utf8_file_with_a_byte_order_mark_imports(store, tmp_path):
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in GOOD) + b"\r\n")
+    report = import_file(store, path)
+    assert (report.comparisons, report.added) == (2, 2)
+    assert store.comparisons()[0].prompt == GOOD[0]["prompt"]
+
+
+def _dataset(records):
+    import datasets
+
+    return datasets.Dataset.from_list(records)
+
+
+def test_parquet_and_save_to_disk_data_sets_import_like_jsonl(store, tmp_path):
+    records = [{**GOOD[0], "annotator": "ana"}, {**GOOD[1]}, {**GOOD[0], "chosen": "Steam it."}]
+    _dataset(records).to_parquet(str(tmp_path / "prefs.parquet"))
+    _dataset(records).save_to_disk(str(tmp_path / "prefs-dir"))
+    parquet = read_comparisons(tmp_path / "prefs.parquet")
+    on_disk = read_comparisons(tmp_path / "prefs-dir")
+    assert [(c.prompt, c.chosen, c.rejected, c.annotator) for c in parquet] == [
+        (c.prompt, c.chosen, c.rejected, c.annotator) for c in on_disk
+    ]
+    assert [c.annotator for c in parquet] == ["ana", "ana", "import"]
+    assert parquet[1].origin == "prefs.parquet:row 2"
+    report = import_file(store, tmp_path / "prefs.parquet")
+    assert (report.added, report.duplicates) == (3, 0)
+    assert import_file(store, tmp_path / "prefs-dir").duplicates == 3
+
+
+def test_conversational_rows_in_a_data_set(tmp_path):
+    _dataset(
+        [CONVERSATIONAL, CONVERSATIONAL | {"chosen": [{"role": "assistant", "content": "Save."}]}]
+    ).to_parquet(str(tmp_path / "chat.parquet"))
+    first, second = read_comparisons(tmp_path / "chat.parquet")
+    assert first.prompt == "User: Budget advice?" and second.chosen == "Save."
+
+
+def test_a_malformed_row_in_a_good_data_set_is_refused_by_file_and_row(store, tmp_path):
+    records = [GOOD[0], GOOD[1], {**GOOD[0], "chosen": "   "}, GOOD[1]]
+    path = tmp_path / "prefs.parquet"
+    _dataset(records).to_parquet(str(path))
+    before = store.snapshot()
+    with pytest.raises(ImportFileError, match="field 'chosen' is empty") as info:
+        import_file(store, path)
+    assert str(info.value).startswith(f"{path}: row 3: ") and info.value.line == 3
+    assert store.snapshot() == before
+
+
+def test_a_data_set_with_several_splits_asks_for_one(tmp_path):
+    import datasets
+
+    both = datasets.DatasetDict({"train": _dataset(GOOD), "test": _dataset(GOOD[:1])})
+    both.save_to_disk(str(tmp_path / "hh"))
+    with pytest.raises(ImportFileError, match=r"splits \['test', 'train'\]; name one"):
+        read_comparisons(tmp_path / "hh")
+    assert len(read_comparisons(tmp_path / "hh" / "test")) == 1
+
+
+def test_json_arrays_and_csv_read_through_datasets(tmp_path):
+    (tmp_path / "prefs.json").write_text(json.dumps(GOOD))
+    (tmp_path / "prefs.csv").write_text(
+        "prompt,chosen,rejected\n"
+        + "\n".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"' for r in GOOD)
+    )
+    for name in ("prefs.json", "prefs.csv"):
+        assert [c.chosen for c in read_comparisons(tmp_path / name)] == [r["chosen"] for r in GOOD]
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ImportFileError, match="not a readable data set"):
+        read_comparisons(tmp_path / "broken.parquet")
+
+
+def test_prompts_from_text_and_jsonl_files(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes(
+        b"\xef\xbb\xbfHow do I cook rice?\n\nAny tips for a run?\nHow do I cook rice?\n"
+    )
+    assert read_prompts(tmp_path / "prompts.txt") == ["How do I cook rice?", "Any tips for a run?"]
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Budget advice?"}, CONVERSATIONAL])
+    assert read_prompts(path) == ["Budget advice?", "User: Budget advice?"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
+    with pytest.raises(ImportFileError, match=r"bad.jsonl:2: missing field 'prompt'"):
+        read_prompts(bad)

@@ -46,7 +46,7 @@ class EnglishBaseRecipe:
     words are one token (at 4096, "sure" and "hours" are still split)."""
     schedule: PretrainSchedule = field(
         default_factory=lambda: PretrainSchedule(
-            steps=3000, batch_size=32, learning_rate=3e-3, max_tokens=64, seed=0
+            steps=800, batch_size=32, learning_rate=3e-3, max_tokens=64, seed=0, pack=True
         )
     )
     wordnet: str = "wordnet-3.0"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.operator_logging import configure_operator_logging
 from server.phase_driver import PhaseDriver
 
 app = ServerApp()
@@ -15,8 +14,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_operator_logging()
     config = RunConfig.from_flower(context.run_config)
     PhaseDriver(grid, context, config).run_all()

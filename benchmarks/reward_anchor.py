@@ -3,7 +3,8 @@
 Same English preference data (:mod:`simulations.english_preferences`: the organizations'
 training comparisons pooled, the shared test file held out), same base model and
 tokenizer, both without DP. Ours is exactly the simulation's "centralized, non-DP"
-baseline (:func:`simulations.baselines.train_non_dp` with the run config's defaults);
+baseline (:func:`simulations.baselines.train_non_dp`: the run config's model and adapter,
+its non-DP schedule);
 TRL's is ``RewardTrainer`` with LoRA on the same modules, at the settings its docs use
 for small models. A federation can only be judged against a baseline that is itself
 competitive: this prints both accuracies and their difference.
@@ -26,18 +27,17 @@ from client.store import NewComparison
 from common.config import RunConfig
 from common.model import encode_texts, load_base, resolve_base
 from common.operator_logging import configure_operator_logging
-from simulations.baselines import labeled_test_set, train_non_dp
+from simulations.baselines import NON_DP_SCHEDULE, labeled_test_set, train_non_dp
 from simulations.english_preferences import EnglishPreferences, EnglishPreferencesConfig
-from simulations.runner import BASELINE_EPOCHS
 
 
 def _comparisons(rows: list[dict]) -> list[NewComparison]:
-    return [NewComparison(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    return [NewComparison(r["prompt"], r["chosen"], r["rejected"], r["annotator"]) for r in rows]
 
 
 def ours(config: RunConfig, train: list[NewComparison], test: list[NewComparison]) -> float:
     _, tokenizer = load_base(config.model.base)
-    model = train_non_dp(config, train, BASELINE_EPOCHS, seed=1)
+    model = train_non_dp(config, train, seed=1)
     return labeled_test_set(test, tokenizer, config.model.max_length).accuracy(model)
 
 
@@ -117,8 +117,9 @@ def main() -> None:
     config = RunConfig().replace(**{"model.base": resolve_base(args.base)})
     print(
         f"base {args.base}; ours: LoRA r={config.model.lora_rank} on "
-        f"{config.model.lora_targets}, {config.reward.optimizer} lr "
-        f"{config.reward.learning_rate:g}, {BASELINE_EPOCHS:g} epochs; TRL RewardTrainer: "
+        f"{config.model.lora_targets}, {NON_DP_SCHEDULE.optimizer} lr "
+        f"{NON_DP_SCHEDULE.learning_rate:g}, batch {NON_DP_SCHEDULE.batch_size}, "
+        f"{NON_DP_SCHEDULE.epochs:g} epochs; TRL RewardTrainer: "
         f"LoRA r={args.trl_rank}, AdamW lr {args.trl_lr:g}, {args.trl_epochs:g} epochs, batch 32"
     )
     print(

@@ -12,6 +12,9 @@ from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from common.operator_logging import configure_client_logging
+
+configure_client_logging()
 app = ClientApp()
 
 

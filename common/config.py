@@ -23,9 +23,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The shared base model and the LoRA adapters put on it."""
 
-    base: str = "builtin:tiny"
-    """A local directory or hub id for ``from_pretrained``; ``builtin:tiny`` is a small
-    randomly initialised Llama-style model with a byte-level tokenizer (tests)."""
+    base: str = "builtin:english"
+    """A local directory or hub id for ``from_pretrained``. ``builtin:english`` is a small
+    Llama pretrained on this machine, once, on WordNet's English (:mod:`common.english_base`;
+    every machine of a federation must hold the same copy: ``fedrlhf base``);
+    ``builtin:tiny`` a randomly initialised one with a byte-level tokenizer (tests)."""
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
@@ -45,7 +47,7 @@ class RewardConfig:
     """Reward-model rounds: Bradley-Terry on local comparisons."""
 
     rounds: int = 12
-    local_epochs: float = 1.0
+    local_epochs: float = 2.0
     """Expected passes over the local training comparisons per round; with Poisson
     sampling the number of steps is ``round(local_epochs / sample_rate)``."""
     batch_size: int = 256
@@ -54,7 +56,7 @@ class RewardConfig:
     """``sgd`` (with momentum) or ``adam``. Under DP noise, Adam's per-coordinate
     scaling turns noise-dominated coordinates into steps of full learning-rate size;
     SGD keeps noise steps small, and does much better at the same epsilon."""
-    learning_rate: float = 0.2
+    learning_rate: float = 0.5
     momentum: float = 0.9
     heldout_fraction: float = 0.1
     """Share of local comparisons (chosen by content hash, so stable across runs) kept

@@ -21,9 +21,11 @@ import logging
 import os
 import random
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.config import ConfigError
 from common.model import LlamaShape, build_byte_level_tokenizer, build_tiny_base
 from common.pretraining import PretrainSchedule, cached_build, pretrain_causal_lm
 
@@ -133,3 +135,43 @@ def english_base_dir(
     recipe = recipe or EnglishBaseRecipe()
     target = (cache_dir or default_cache_dir()) / recipe.cache_key()
     return cached_build(target, lambda tmp: build_english_base(recipe, tmp))
+
+
+def weights_fingerprint(base_dir: Path) -> str:
+    """SHA-256 of a saved base's weight files: the same on every machine of a federation."""
+    digest = hashlib.sha256()
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{base_dir}: no *.safetensors weight files")
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def install_english_base(
+    source: Path, cache_dir: Path | None = None, recipe: EnglishBaseRecipe | None = None
+) -> Path:
+    """Copy a base built elsewhere (``fedrlhf base --out``) into this machine's cache,
+    where ``builtin:english`` finds it, so every machine trains on the very same weights.
+    Refuses a directory built from another recipe."""
+    recipe = recipe or EnglishBaseRecipe()
+    recorded = source / "fedrlhf-recipe.json"
+    if not recorded.exists():
+        raise FileNotFoundError(f"{source}: no fedrlhf-recipe.json (not a built-in English base)")
+    if json.loads(recorded.read_text()) != json.loads(json.dumps(asdict(recipe))):
+        raise ConfigError(
+            f"{source}: built from another recipe than this checkout's "
+            f"(common/english_base.py); rebuild it with this version of fedrlhf"
+        )
+    target = (cache_dir or default_cache_dir()) / recipe.cache_key()
+    if (target / "config.json").exists() and weights_fingerprint(target) == weights_fingerprint(
+        source
+    ):
+        return target
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target

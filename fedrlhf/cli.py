@@ -29,6 +29,7 @@ from client.importers import ImportFileError, import_file
 from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
 from common.privacy import epsilon
+from fedrlhf.base_commands import add_base_command
 from fedrlhf.deploy_commands import add_deployment_commands
 from fedrlhf.evaluate_commands import add_evaluate_command
 from fedrlhf.label_commands import add_label_commands
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo_data)
 
     add_evaluate_command(sub)
+    add_base_command(sub)
 
     study = sub.add_parser(
         "labeling-study",

@@ -94,18 +94,38 @@ def _model_and_pairs(
     return model, pairs
 
 
+@dataclass(frozen=True)
+class NonDPSchedule:
+    """How the non-DP baselines train: the way one trains without DP (Adam, small
+    batches, several passes), not with the DP phase's few large SGD steps, so that the
+    federation is judged against a well-trained model. ``benchmarks/reward_anchor.py``
+    checks it against TRL's RewardTrainer on the same data and base."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 2e-3
+    batch_size: int = 32
+    epochs: float = 6.0
+
+
+NON_DP_SCHEDULE = NonDPSchedule()
+
+
 def train_non_dp(
-    config: RunConfig, comparisons: list[Comparison], epochs: float, seed: int
+    config: RunConfig,
+    comparisons: list[Comparison],
+    seed: int,
+    schedule: NonDPSchedule = NON_DP_SCHEDULE,
 ) -> RewardModel:
-    """A reward model trained without DP on ``comparisons`` for ``epochs`` passes."""
+    """A reward model trained without DP on ``comparisons`` (the model settings of
+    ``config``, the optimizer and passes of ``schedule``)."""
     model, pairs = _model_and_pairs(config, comparisons)
-    steps = max(1, math.ceil(epochs * len(pairs) / config.reward.batch_size))
+    steps = max(1, math.ceil(schedule.epochs * len(pairs) / schedule.batch_size))
     train_reward_model(
         model,
         pairs,
         steps=steps,
-        batch_size=config.reward.batch_size,
-        optimizer=OptimizerSettings.of(config.reward),
+        batch_size=schedule.batch_size,
+        optimizer=OptimizerSettings(schedule.optimizer, schedule.learning_rate),
         dp=None,
         seed=seed,
     )

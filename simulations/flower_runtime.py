@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from common.operator_logging import CLIENT_LOG_LEVEL_ENV
 from common.processes import (
     flower_bin,
     flower_env,
@@ -30,7 +31,7 @@ class SimulationSuperLink:
     def __init__(self, home: Path, log_file: Path) -> None:
         self.home = home
         self.ray_dir = Path(tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp"))
-        self.env = flower_env(home, self.ray_dir)
+        self.env = {**flower_env(home, self.ray_dir), CLIENT_LOG_LEVEL_ENV: "WARNING"}
         self.port = free_port()
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None

@@ -47,9 +47,6 @@ from simulations.world import World, WorldConfig, heldout_prompts
 log = logging.getLogger(__name__)
 console = Console()
 
-BASELINE_EPOCHS = 8.0
-"""Passes over the data for the non-DP baselines (enough for them to converge)."""
-
 
 @dataclass
 class SimulationOptions:
@@ -161,7 +158,7 @@ def _run_baselines(config: RunConfig, stores: list[Path], test: TestSet) -> Base
             per_org.append(store.comparisons("train", split))
     pooled = [c for org in per_org for c in org]
     with console.status("baseline: centralized, non-DP, all organizations' data"):
-        centralized = test.accuracy(train_non_dp(config, pooled, BASELINE_EPOCHS, 1))
+        centralized = test.accuracy(train_non_dp(config, pooled, seed=1))
     console.print(f"baseline centralized non-DP accuracy {centralized:.4f}")
     central_dp = None
     if config.privacy.enabled and config.reward.rounds > 0:
@@ -174,7 +171,7 @@ def _run_baselines(config: RunConfig, stores: list[Path], test: TestSet) -> Base
     single = []
     for i, comparisons in enumerate(per_org):
         with console.status(f"baseline: org-{i} alone, non-DP"):
-            single.append(test.accuracy(train_non_dp(config, comparisons, BASELINE_EPOCHS, 2 + i)))
+            single.append(test.accuracy(train_non_dp(config, comparisons, seed=2 + i)))
     console.print(
         "baseline single-organization accuracies " + ", ".join(f"{a:.4f}" for a in single)
     )

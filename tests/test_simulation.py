@@ -159,3 +159,59 @@ def test_killed_simulate_command_stops_every_server_it_started(tmp_path):
         RAY_DIR_PREFIX
     )
     assert not leftovers, leftovers
+
+
+def test_simulation_on_a_researchers_data_set_with_a_partitioner(tiny_base_dir, tmp_path):
+    """`simulate --data FILE --partition dirichlet:... --partition-by topic`, DP + SecAgg+."""
+    from simulations.english_preferences import EnglishPreferences, EnglishPreferencesConfig
+    from simulations.user_data import DataOptions
+
+    data = EnglishPreferences(EnglishPreferencesConfig(comparisons_per_org=50))
+    rows = [r for org in range(3) for r in data.organization_rows(org)]
+    pooled = tmp_path / "pooled.jsonl"
+    pooled.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    run_dir = tmp_path / "run"
+    options = SimulationOptions(
+        out_dir=run_dir,
+        data=DataOptions(
+            files=(pooled,),
+            partition="dirichlet:1.0",
+            partition_by="topic",
+            organizations=3,
+            test_fraction=0.2,
+        ),
+        overrides={
+            "model.base": str(tiny_base_dir),
+            "reward.rounds": 2,
+            "reward.batch-size": 16,
+            "policy.rounds": 1,
+            "policy.iterations": 1,
+            "policy.batch-size": 8,
+        },
+        timeout=900,
+    )
+    report = run_simulation(options)
+
+    assert report["data"]["organizations"] == ["org-0", "org-1", "org-2"]
+    assert report["data"]["test_comparisons"] == 30
+    for key in (
+        "centralized_non_dp_accuracy",
+        "centralized_dp_accuracy",
+        "federated_final_accuracy",
+    ):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert len(report["single_org_accuracies"]) == 3
+    assert report["bayes_ceiling"] is None  # real data: no hidden truth
+    assert "federation" in report["summary"] and "DP" in report["summary"]
+    assert report["policy"]["rounds"][-1]["round"] == 1
+    # Each organization's share went through the partner's importer into its store.
+    counts = []
+    for i in range(3):
+        with PreferenceStore(run_dir / "stores" / f"org-{i}.sqlite") as store:
+            counts.append(store.counts()["comparisons"])
+    assert sum(counts) == 120 and min(counts) > 0
+
+    # The operator's log: the ServerApp's round lines once each, no HTTP request lines.
+    log = (run_dir / "flower.log").read_text()
+    assert "HTTP Request" not in log
+    assert log.count("reward round 1/2 train") == 1, log[-3000:]

@@ -23,11 +23,10 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-import transformers
-
 from client.importers import ImportFileError, import_file
 from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
+from common.operator_logging import configure_operator_logging
 from common.privacy import epsilon
 from fedrlhf.base_commands import add_base_command
 from fedrlhf.deploy_commands import add_deployment_commands
@@ -291,8 +290,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    transformers.utils.logging.disable_progress_bar()
+    configure_operator_logging(logging.WARNING)
     args = build_parser().parse_args(argv)
     # A plain `kill` must unwind like Ctrl-C, so the servers we started are stopped by PID.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

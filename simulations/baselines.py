@@ -97,14 +97,14 @@ def _model_and_pairs(
 @dataclass(frozen=True)
 class NonDPSchedule:
     """How the non-DP baselines train: the way one trains without DP (Adam, small
-    batches, several passes), not with the DP phase's few large SGD steps, so that the
-    federation is judged against a well-trained model. ``benchmarks/reward_anchor.py``
-    checks it against TRL's RewardTrainer on the same data and base."""
+    batches, several passes: TRL's RewardTrainer recipe for small models), not with the
+    DP phase's few large SGD steps. ``benchmarks/reward_anchor.py`` checks it against
+    TRL's RewardTrainer on the same data and base."""
 
     optimizer: str = "adam"
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     batch_size: int = 32
-    epochs: float = 6.0
+    epochs: float = 3.0
 
 
 NON_DP_SCHEDULE = NonDPSchedule()

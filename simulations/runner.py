@@ -382,13 +382,17 @@ def _print_summary(report: dict, run_dir: Path) -> None:
             f"{policy['final_kl_to_reference']:.2f} ({policy['kl_target']:g})",
         )
     other = report.get("comparison")
-    if other:
+    if other and "final_true_utility" in other:
         table.add_row(
             f"{other['objective'].upper()} instead: true utility, reference -> final",
-            f"{other.get('reference_true_utility', float('nan')):.3f} -> "
-            f"{other.get('final_true_utility', float('nan')):.3f} "
-            f"({other.get('utility_gain_in_reference_sd', float('nan')):+.2f} SD, "
+            f"{other['reference_true_utility']:.3f} -> {other['final_true_utility']:.3f} "
+            f"({other['utility_gain_in_reference_sd']:+.2f} SD, "
             f"KL {other['final_kl_to_reference']:.2f})",
+        )
+    elif other:
+        table.add_row(
+            f"{other['objective'].upper()} instead: win rate over the reference, KL",
+            f"{other['final_win_rate_vs_reference']:.3f}, {other['final_kl_to_reference']:.2f}",
         )
     console.print(table)
     if "summary" in report:

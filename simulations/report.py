@@ -159,10 +159,11 @@ def cost_sentence(report: dict[str, Any]) -> str:
     )
     central_dp = report.get("centralized_dp_accuracy")
     if central_dp is not None:
+        gap = (fed - central_dp) * 100
         text += (
-            f"; DP alone, centrally at the same epsilon, costs "
-            f"{(central - central_dp) * 100:.1f} points ({central_dp:.3f}), so federation "
-            f"itself costs {(central_dp - fed) * 100:.1f}"
+            f"; DP-SGD centrally on the pooled data at the same epsilon reaches "
+            f"{central_dp:.3f}, {abs(gap):.1f} points {'below' if gap > 0 else 'above'} "
+            "the federation"
         )
     single = report["single_org_median_accuracy"]
     if single == single:  # not NaN (no baselines)

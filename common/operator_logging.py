@@ -18,6 +18,9 @@ import warnings
 import transformers
 
 OUR_LOGGERS = ("server", "client", "common", "simulations", "fedrlhf")
+SERVER_LOGGERS = tuple(n for n in OUR_LOGGERS if n != "client")
+"""What the ServerApp sets up: not ``client``, whose level the ClientApp decides (both
+share one process in the simulation)."""
 QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CLIENT_LOG_LEVEL_ENV = "FEDRLHF_CLIENT_LOG_LEVEL"
@@ -35,12 +38,14 @@ ANSWERED_WARNINGS = (
 )
 
 
-def configure_operator_logging(level: int | str = logging.INFO) -> None:
-    """Route our loggers to one stream handler at ``level``; idempotent."""
+def configure_operator_logging(
+    level: int | str = logging.INFO, loggers: tuple[str, ...] = OUR_LOGGERS
+) -> None:
+    """Route ``loggers`` (ours) to one stream handler at ``level``; idempotent."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
     handler.set_name("fedrlhf")
-    for name in OUR_LOGGERS:
+    for name in loggers:
         logger = logging.getLogger(name)
         logger.setLevel(level)
         logger.propagate = False
@@ -55,7 +60,11 @@ def configure_operator_logging(level: int | str = logging.INFO) -> None:
 
 
 def configure_client_logging() -> None:
-    """The ClientApp's logging: ours at ``$FEDRLHF_CLIENT_LOG_LEVEL``, Flower's at INFO
-    (its SecAgg+ stages log every step at DEBUG)."""
-    configure_operator_logging(os.environ.get(CLIENT_LOG_LEVEL_ENV, "INFO").upper())
+    """The ClientApp's logging: ``client`` at ``$FEDRLHF_CLIENT_LOG_LEVEL``, Flower's at
+    INFO (its SecAgg+ stages log every step at DEBUG). The other loggers are left as they
+    are where already set up: in the simulation the ServerApp shares this process, and its
+    round lines must stay at INFO."""
+    configure_operator_logging(os.environ.get(CLIENT_LOG_LEVEL_ENV, "INFO").upper(), ("client",))
+    unset = tuple(n for n in OUR_LOGGERS if not logging.getLogger(n).handlers)
+    configure_operator_logging(logging.INFO, unset)
     logging.getLogger("flwr").setLevel(logging.INFO)

@@ -149,6 +149,7 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
                     "run-dir": json.dumps(str(run_dir)),
                     "reward.rounds": ROUNDS,
                     "reward.batch-size": 32,
+                    "reward.learning-rate": 0.2,  # the defaults' is sized for batches of 256
                     "policy.rounds": 1,
                     "policy.iterations": 1,
                     "policy.batch-size": 8,

@@ -49,6 +49,7 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
         overrides={
             "reward.rounds": 2,
             "reward.batch-size": 32,
+            "reward.learning-rate": 0.2,  # the defaults' step is sized for batches of 256
             "policy.rounds": 2,
             "policy.iterations": 2,
             "policy.batch-size": 8,
@@ -136,6 +137,7 @@ def test_killed_simulate_command_stops_every_server_it_started(tmp_path):
         *("--comparisons", "60", "--cache", str(tmp_path / "cache"), "--out", str(run_dir)),
         *("--set", "reward.rounds=50", "--set", "policy.rounds=0"),
         *("--set", "reward.batch-size=16", "--set", "federation.min-clients=2"),
+        *("--set", "reward.learning-rate=0.2", "--set", "reward.local-epochs=1.0"),
     ]
     stderr = tmp_path / "stderr.txt"
     with stderr.open("wb") as err:
@@ -184,6 +186,7 @@ def test_simulation_on_a_researchers_data_set_with_a_partitioner(tiny_base_dir, 
             "model.base": str(tiny_base_dir),
             "reward.rounds": 2,
             "reward.batch-size": 16,
+            "reward.learning-rate": 0.2,  # the defaults' step is sized for batches of 256
             "policy.rounds": 1,
             "policy.iterations": 1,
             "policy.batch-size": 8,

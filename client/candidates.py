@@ -18,6 +18,9 @@ import torch
 from peft import PeftModel
 
 from client.importers import ImportFileError
+from common.chat_format import prompt_token_ids
+from common.config import ModelConfig
+from common.hardware import model_device
 from common.model import encode_pairs, load_base, load_reward_model, score_pairs
 
 
@@ -60,7 +63,11 @@ def read_candidates(path: str | Path) -> list[tuple[str, list[str]]]:
 
 @torch.no_grad()
 def sample_responses(
-    base: str, policy_dir: str | None, prompts: Sequence[str], settings: GenerationSettings
+    base: str,
+    policy_dir: str | None,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    model_config: ModelConfig | None = None,
 ) -> dict[str, dict[str, list[str]]]:
     """``per_model`` samples per prompt from the reference and (if given) the policy:
     ``{"reference": {prompt: [...]}, "policy": {prompt: [...]}}``."""
@@ -68,7 +75,7 @@ def sample_responses(
         raise FileNotFoundError(
             f"{policy_dir}: no adapter_config.json (expected a PEFT adapter directory)"
         )
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, config=model_config)
     if policy_dir is not None:
         model = PeftModel.from_pretrained(model, policy_dir)
     model.eval()
@@ -78,13 +85,17 @@ def sample_responses(
         temperature=settings.temperature,
         top_p=settings.top_p,
         max_new_tokens=settings.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
+    device = model_device(model)
     out: dict[str, dict[str, list[str]]] = {}
     for variant in ["reference"] + (["policy"] if policy_dir else []):
         out[variant] = {}
         for prompt in prompts:
-            encoded = tokenizer([prompt + "\n"] * settings.per_model, return_tensors="pt")
+            row = prompt_token_ids(tokenizer, [prompt])[0]
+            ids = torch.tensor([row] * settings.per_model, device=device)
+            encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             if variant == "reference" and isinstance(model, PeftModel):
                 with model.disable_adapter():
                     tokens = model.generate(**encoded, **kwargs)
@@ -97,10 +108,14 @@ def sample_responses(
 
 
 def generate_candidates(
-    base: str, policy_dir: str | None, prompts: Sequence[str], settings: GenerationSettings
+    base: str,
+    policy_dir: str | None,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    model_config: ModelConfig | None = None,
 ) -> dict[str, list[str]]:
     """Distinct non-empty samples per prompt, from the reference and the policy."""
-    samples = sample_responses(base, policy_dir, prompts, settings)
+    samples = sample_responses(base, policy_dir, prompts, settings, model_config)
     out: dict[str, list[str]] = {p: [] for p in prompts}
     for by_prompt in samples.values():
         for prompt, texts in by_prompt.items():
@@ -111,8 +126,14 @@ def generate_candidates(
 class RewardScorer:
     """Margins r(first) - r(second) from a saved reward adapter (``.../reward``)."""
 
-    def __init__(self, base: str, reward_dir: str | Path, max_length: int = 128) -> None:
-        model, self.tokenizer = load_base(base)
+    def __init__(
+        self,
+        base: str,
+        reward_dir: str | Path,
+        max_length: int = 128,
+        model_config: ModelConfig | None = None,
+    ) -> None:
+        model, self.tokenizer = load_base(base, config=model_config)
         self.model = load_reward_model(model, reward_dir)
         self.max_length = max_length
 

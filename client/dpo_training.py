@@ -18,6 +18,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.reward_training import DPSettings, finish_training, noise_only_step
+from common.hardware import noise_generator
 from common.losses import dpo_loss
 from common.model import EncodedPairs, encode_texts_with_starts
 from common.policy_model import PolicyModel, token_logprobs
@@ -34,7 +35,7 @@ def _sum_response(
     logp: torch.Tensor, mask: torch.Tensor, response_start: torch.Tensor
 ) -> torch.Tensor:
     # logp[:, t] scores token t + 1: response tokens are t + 1 >= response_start.
-    positions = torch.arange(1, mask.shape[1]).unsqueeze(0)
+    positions = torch.arange(1, mask.shape[1], device=mask.device).unsqueeze(0)
     keep = (positions >= response_start.unsqueeze(1)) & mask[:, 1:].bool()
     return (logp * keep).sum(dim=1)
 
@@ -50,17 +51,19 @@ class DPOBatch:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def rows(self, index: torch.Tensor) -> DPOBatch:
+    def rows(self, index: torch.Tensor, device: torch.device | None = None) -> DPOBatch:
+        """The comparisons at ``index``, on ``device`` (where the policy runs)."""
         p = self.pairs
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[index].to(device) if device is not None else t[index]
+
         return DPOBatch(
             EncodedPairs(
-                p.chosen_ids[index],
-                p.chosen_mask[index],
-                p.rejected_ids[index],
-                p.rejected_mask[index],
-            ),  # fmt: skip
-            self.chosen_start[index],
-            self.rejected_start[index],
+                pick(p.chosen_ids), pick(p.chosen_mask), pick(p.rejected_ids), pick(p.rejected_mask)
+            ),
+            pick(self.chosen_start),
+            pick(self.rejected_start),
         )
 
 
@@ -142,7 +145,7 @@ def train_dpo(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(rate * len(batch))),
-            generator=torch.Generator().manual_seed(seed + 1),
+            generator=noise_generator(policy.device, seed + 1),
         )
     losses, comparisons = [], 0
     policy.train()
@@ -160,7 +163,7 @@ def train_dpo(
                 if len(index) == 0:
                     noise_only_step(step_optimizer, params)
                     continue
-                loss = dpo_batch_loss(model, policy, batch.rows(index), beta)
+                loss = dpo_batch_loss(model, policy, batch.rows(index, policy.device), beta)
                 (loss / beta).backward()
                 step_optimizer.step()
                 losses.append(float(loss.detach()))

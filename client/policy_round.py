@@ -230,7 +230,7 @@ def policy_round(
         after.kl, loss_text, stats["epsilon"], "" if dp else " (DP OFF)",
     )  # fmt: skip
     new_state = policy.trainable_state()
-    update = {name: new_state[name].detach() - global_policy[name] for name in global_policy}
+    update = {name: new_state[name].detach().cpu() - global_policy[name] for name in global_policy}
     return pack_update(
         update, policy_spec, POLICY_STATS.encode(stats), config.federation.secagg_clipping_range
     )

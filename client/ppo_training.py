@@ -33,7 +33,9 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.reward_training import DPSettings, finish_training, noise_only_step
+from common.chat_format import prompt_token_ids
 from common.config import PolicyConfig
+from common.hardware import noise_generator
 from common.policy_model import PolicyModel, token_logprobs
 from common.ppo import (
     clipped_policy_loss,
@@ -115,6 +117,22 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def left_padded_prompts(
+    tokenizer, prompts: Sequence[str], device: torch.device  # noqa: ANN001
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts in the training format (:mod:`common.chat_format`), left-padded so that
+    every row's response starts at the same column."""
+    rows = prompt_token_ids(tokenizer, list(prompts))
+    width = max((len(r) for r in rows), default=1)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def generate_rollouts(
     policy: PolicyModel,
@@ -129,18 +147,11 @@ def generate_rollouts(
 
     ``reference`` samples from the reference (adapters off) instead, for evaluation.
     """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(
-            [p + "\n" for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-    finally:
-        tokenizer.padding_side = side
+    input_ids, attention_mask = left_padded_prompts(tokenizer, prompts, policy.device)
     torch.manual_seed(seed)
     out = policy.generate(
-        enc["input_ids"],
-        enc["attention_mask"],
+        input_ids,
+        attention_mask,
         do_sample=True,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
@@ -149,20 +160,20 @@ def generate_rollouts(
         eos_token_id=tokenizer.eos_token_id,
         reference=reference,
     )
-    prompt_width = enc["input_ids"].shape[1]
+    prompt_width = input_ids.shape[1]
     generated = out[:, prompt_width:]
     is_eos = generated == tokenizer.eos_token_id
     ended = is_eos.any(dim=1)
     first_eos = torch.where(ended, is_eos.int().argmax(dim=1), generated.shape[1] - 1)
-    steps = torch.arange(generated.shape[1]).unsqueeze(0)
+    steps = torch.arange(generated.shape[1], device=generated.device).unsqueeze(0)
     response_tokens = (steps <= first_eos.unsqueeze(1)).long()
     generated = torch.where(response_tokens.bool(), generated, tokenizer.pad_token_id)
 
-    ids = torch.cat([enc["input_ids"], generated], dim=1)
-    mask = torch.cat([enc["attention_mask"], response_tokens], dim=1)
+    ids = torch.cat([input_ids, generated], dim=1)
+    mask = torch.cat([attention_mask, response_tokens], dim=1)
     positions = _positions(mask)
     response_mask = torch.cat(
-        [torch.zeros(len(prompts), prompt_width - 1, dtype=torch.long), response_tokens], dim=1
+        [response_tokens.new_zeros(len(prompts), prompt_width - 1), response_tokens], dim=1
     ).float()
     responses = [
         tokenizer.decode(row[: int(n)], skip_special_tokens=True).strip()
@@ -177,7 +188,7 @@ def generate_rollouts(
         positions=positions,
         response_mask=response_mask,
         ended=ended,
-        scores=score_fn(list(prompts), responses).float(),
+        scores=score_fn(list(prompts), responses).float().to(ids.device),
         logp_old=token_logprobs(logits, ids),
         logp_ref=policy.reference_logprobs(ids, mask, positions),
         values_old=values[:, :-1],
@@ -238,7 +249,7 @@ def ppo_update(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(expected_batch_size / settings.minibatches)),
-            generator=torch.Generator().manual_seed(seed),
+            generator=noise_generator(policy.device, seed),
         )
     generator = torch.Generator().manual_seed(seed + 1)
     losses: dict[str, list[float]] = {k: [] for k in ("policy", "value", "clip", "akl", "ent")}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 from client.reward_training import DPSettings, OptimizerSettings, train_reward_model
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
+from common.hardware import model_device
 from common.losses import bradley_terry_loss
 from common.model import (
     REWARD_ADAPTER,
@@ -46,8 +49,18 @@ log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=1)
 def cached_reward_model(model_config: ModelConfig) -> tuple[RewardModel, object]:
-    """One base + reward adapter per process; every round overwrites the adapter."""
-    base, tokenizer = load_base(model_config.base)
+    """One base + reward adapter per process; every round overwrites the adapter.
+
+    A SuperNode starts a fresh ClientApp process for each message (Flower 1.41), so in
+    a deployment this loads once per round that trains (the SecAgg+ key-exchange
+    stages never get here); a simulation's actors keep it for the whole run."""
+    start = time.perf_counter()
+    base, tokenizer = load_base(model_config.base, config=model_config)
+    log.info(
+        "loaded base %s on %s in %s (%.1fM parameters) in %.1f s, process %d",
+        model_config.base, model_device(base), base.dtype,
+        base.num_parameters() / 1e6, time.perf_counter() - start, os.getpid(),
+    )  # fmt: skip
     return build_reward_model(base, model_config), tokenizer
 
 
@@ -147,7 +160,7 @@ def reward_round(
         "" if dp else " (DP OFF)",
     )
     new_state = model.trainable_state()
-    update = {name: new_state[name].detach() - global_state[name] for name in global_state}
+    update = {name: new_state[name].detach().cpu() - global_state[name] for name in global_state}
     stats.update(
         train_examples=float(min(len(pairs), MAX_COUNT)),
         train_steps=float(result.steps),

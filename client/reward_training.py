@@ -18,6 +18,7 @@ from opacus.accountants import IAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import PolicyConfig, RewardConfig
+from common.hardware import noise_generator
 from common.losses import bradley_terry_loss
 from common.model import EncodedPairs, RewardModel
 from common.privacy import DPEvent
@@ -85,7 +86,7 @@ def finish_training(
 def noise_only_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     """An empty Poisson batch still takes a (pure noise) step, as the accounting assumes."""
     for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
 
 
@@ -135,7 +136,7 @@ def train_reward_model(
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="hooks",
-            noise_generator=torch.Generator().manual_seed(seed + 1),
+            noise_generator=noise_generator(model.device, seed + 1),
         )
         event = DPEvent(dp.noise_multiplier, loader.sample_rate, steps)
 

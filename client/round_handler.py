@@ -28,7 +28,7 @@ def store_path(context: Context, config: RunConfig) -> str:
 
 def handle_round(msg: Message, context: Context) -> Message:
     """Validate the instruction, refuse a stale or replayed one, run the round."""
-    config = RunConfig.from_flower(context.run_config)
+    config = RunConfig.from_flower(context.run_config).on_node(context.node_config)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     where = f"node {context.node_id}, message {msg.metadata.message_id[:8]}"
     instruction = RoundInstruction.from_config(fitins.config, where)

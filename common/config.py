@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A run-config key is unknown, has the wrong type, or an invalid value."""
 
 
+NODE_MODEL_KEYS = ("device", "dtype")
+"""Node-config keys a SuperNode may set for itself (``--node-config "device='cuda:1'"``)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shared base model and the LoRA adapters put on it."""
@@ -31,15 +35,34 @@ class ModelConfig:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,v_proj"
-    """Comma-separated module names, or ``all-linear``. Fewer adapter parameters mean
-    less DP noise in total, and fewer bytes on the wire."""
+    lora_targets: str = "auto"
+    """Comma-separated module names, ``all-linear``, or ``auto``: PEFT's default for the
+    architecture (the query and value projections: ``q_proj,v_proj`` in Llama, Qwen2 and
+    Gemma, ``c_attn`` in GPT-2). Fewer adapter parameters mean less DP noise in total,
+    and fewer bytes on the wire."""
     reward_pooling: str = "mean"
     """How the reward head reads the sequence: ``mean`` of the final hidden states
     over all tokens, or the ``last`` token's (as Hugging Face's classifiers do)."""
     max_length: int = 96
     """Prompt + response tokens; longer texts are truncated from the left of the
     prompt so the response is always scored whole."""
+    device: str = "auto"
+    """Where the frozen base runs: ``auto`` (CUDA if present, else MPS, else CPU),
+    ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. A SuperNode's node config key ``device``
+    overrides it for that node, so partners on GPUs and on CPUs share one federation."""
+    dtype: str = "auto"
+    """The frozen base's precision: ``auto`` (bfloat16 on a GPU that has it, float16 on
+    one that does not, float32 on CPU and MPS), ``float32``, ``bfloat16`` or ``float16``.
+    Adapters, heads, per-sample gradients, clipping, noise and the wire stay float32.
+    Node config key ``dtype`` overrides it for that node."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% more time)."""
+    attn_implementation: str = "default"
+    """Passed to ``from_pretrained`` (``eager``, ``sdpa``, ``flash_attention_2``);
+    ``default`` lets Transformers choose."""
+    trust_remote_code: bool = False
+    """Let ``from_pretrained`` run code shipped with the checkpoint. Off: a partner
+    should read such code before it runs on the machine that holds its data."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +279,11 @@ class RunConfig:
         """A copy with some flat keys overridden, e.g. ``replace(**{"reward.rounds": 3})``."""
         return RunConfig.from_flower({**self.to_flower(), **flat})
 
+    def on_node(self, node_config: Mapping[str, Any]) -> RunConfig:
+        """This config with the SuperNode's own ``device`` and ``dtype``, if it set them."""
+        flat = {f"model.{key}": node_config[key] for key in NODE_MODEL_KEYS if key in node_config}
+        return self.replace(**flat) if flat else self
+
     @property
     def policy_model(self) -> ModelConfig:
         """The model settings with the policy adapter's own LoRA shape."""
@@ -274,6 +302,16 @@ class RunConfig:
         checks = [
             (self.model.lora_rank > 0, "model.lora-rank must be > 0"),
             (self.model.max_length >= 8, "model.max-length must be >= 8"),
+            (
+                self.model.device == "auto"
+                or self.model.device in ("cpu", "cuda", "mps")
+                or self.model.device.startswith("cuda:"),
+                "model.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+            ),
+            (
+                self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+                "model.dtype must be 'auto', 'float32', 'bfloat16' or 'float16'",
+            ),
             (
                 self.model.reward_pooling in ("mean", "last"),
                 "model.reward-pooling must be 'mean' or 'last'",

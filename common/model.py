@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -29,7 +30,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from transformers.pytorch_utils import Conv1D
+
+from common.chat_format import cut_prompt, prompt_token_ids, response_token_ids
 from common.config import ModelConfig
+from common.hardware import model_device, resolve_device, resolve_dtype
 
 BUILTIN_TINY = "builtin:tiny"
 PAD_TOKEN = "<pad>"
@@ -103,26 +108,53 @@ def build_tiny_base(
         return LlamaForCausalLM(config)
 
 
-def load_base(spec: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base(
+    spec: str, seed: int = 0, config: ModelConfig | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the frozen base model and its tokenizer.
 
     ``spec`` is a local directory or hub id (``from_pretrained``), ``builtin:tiny`` (random
     weights, for tests) or ``builtin:english`` (:mod:`common.english_base`, pretrained on
-    this machine the first time).
+    this machine the first time). ``config`` gives device, dtype and the loading options
+    (:mod:`common.hardware`); without it the base loads on the CPU in float32, as tools
+    that score a checkpoint want.
     """
+    device = resolve_device(config.device) if config else torch.device("cpu")
+    dtype = resolve_dtype(config.dtype, device) if config else torch.float32
     if spec == BUILTIN_TINY:
         tokenizer = build_byte_level_tokenizer()
         model = build_tiny_base(tokenizer, seed)
     else:
         spec = resolve_base(spec)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+        remote = bool(config and config.trust_remote_code)
+        options = {}
+        if config and config.attn_implementation != "default":
+            options["attn_implementation"] = config.attn_implementation
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype, trust_remote_code=remote, **options
+        )
+    prepare_tokenizer(tokenizer, spec)
+    model.to(device=device, dtype=dtype)
+    if config and config.gradient_checkpointing:
+        # Non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Right padding, and a pad token where the tokenizer has none (Llama, GPT-2): the
+    EOS token, as TRL does; padded positions are masked out everywhere."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"{where}: the tokenizer has no EOS token; fedrlhf reads the reward at the "
+            "end of a response and stops generation there"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
 
 
 def resolve_base(spec: str) -> str:
@@ -133,11 +165,31 @@ def resolve_base(spec: str) -> str:
     return str(english_base_dir()) if spec == ENGLISH_BASE else spec
 
 
-def lora_config(config: ModelConfig) -> LoraConfig:
+def lora_config(config: ModelConfig, base: PreTrainedModel) -> LoraConfig:
+    """The LoRA shape of ``config`` for ``base``: ``auto`` targets are PEFT's defaults for
+    its architecture; named targets must exist in it (else an error lists what does)."""
     targets = config.lora_targets
-    target_modules: str | list[str] = (
-        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    )
+    target_modules: str | list[str]
+    if targets == "auto":
+        model_type = base.config.model_type
+        if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+            raise ValueError(
+                f"model.lora-targets 'auto' knows no default for {model_type!r} models; "
+                f"name the modules, e.g. one of: {', '.join(linear_module_names(base))}"
+            )
+        target_modules = list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    elif targets == "all-linear":
+        target_modules = targets
+    else:
+        target_modules = [t.strip() for t in targets.split(",") if t.strip()]
+        present = set(linear_module_names(base))
+        missing = [t for t in target_modules if t not in present]
+        if missing:
+            raise ValueError(
+                f"model.lora-targets names {', '.join(missing)}, which this "
+                f"{base.config.model_type} model does not have; its linear modules are: "
+                f"{', '.join(sorted(present))}"
+            )
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -145,6 +197,19 @@ def lora_config(config: ModelConfig) -> LoraConfig:
         target_modules=target_modules,
         bias="none",
     )
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of a model's linear layers (``q_proj``, ``c_attn``, ...),
+    the names LoRA targets go by; the LM head is left out, as PEFT's ``all-linear`` does."""
+    names = set()
+    for name, module in model.named_modules():
+        if ".lora_" in name or not isinstance(module, (nn.Linear, Conv1D)):
+            continue  # an adapter's own layers are not targets
+        name = name.removesuffix(".base_layer")  # a layer that already carries an adapter
+        if not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
 
 
 @contextmanager
@@ -210,11 +275,18 @@ class RewardModel(nn.Module):
         # The decoder stack without the LM head; LoRA layers are injected in place.
         return self.lm.get_base_model().base_model
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
         with active_adapter(self.lm, REWARD_ADAPTER):
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state
+        hidden = hidden.float()  # the head, its gradients and the score stay float32
         if self.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
@@ -265,8 +337,8 @@ def build_reward_model(base: PreTrainedModel, config: ModelConfig, seed: int = 0
     """Put a fresh ``reward`` LoRA adapter and scalar head on ``base`` (in place)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        lm = get_peft_model(base, lora_config(config), adapter_name=REWARD_ADAPTER)
-        head = nn.Linear(base.config.hidden_size, 1)
+        lm = get_peft_model(base, lora_config(config, base), adapter_name=REWARD_ADAPTER)
+        head = nn.Linear(base.config.hidden_size, 1, device=model_device(base))
     lm.eval()  # no dropout in the frozen base; LoRA dropout is a config setting
     return RewardModel(lm, head, config.reward_pooling)
 
@@ -279,7 +351,7 @@ def load_reward_model(base: PreTrainedModel, adapter_dir: str | Path) -> RewardM
     tensors = load_file(head_file)
     with safe_open(head_file, "pt") as handle:
         pooling = (handle.metadata() or {}).get("pooling", "last")
-    head = nn.Linear(base.config.hidden_size, 1)
+    head = nn.Linear(base.config.hidden_size, 1, device=model_device(base))
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])
         head.bias.copy_(tensors["bias"])
@@ -303,10 +375,11 @@ class EncodedPairs:
 def encode_texts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize ``prompt + "\\n" + response + EOS``, right-padded.
+    """Tokenize prompt and response (:mod:`common.chat_format`: the chat template's
+    assistant turn, or ``prompt + "\\n" + response``), then EOS, right-padded.
 
-    Too long: the prompt is cut from the left, then the response from the right; the
-    EOS token (where the score is read) is always kept.
+    Too long: the prompt is cut from the left (its BOS kept), then the response from
+    the right; the EOS token (where the score is read) is always kept.
     """
     ids, mask, _ = encode_texts_with_starts(tokenizer, prompts, responses, max_length)
     return ids, mask
@@ -321,14 +394,14 @@ def encode_texts_with_starts(
     if not prompts:
         empty = torch.zeros((0, 1), dtype=torch.long)
         return empty, empty.clone(), torch.zeros(0, dtype=torch.long)
-    prompt_rows = tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
-    response_rows = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    prompt_rows = prompt_token_ids(tokenizer, list(prompts))
+    response_rows = response_token_ids(tokenizer, list(responses), max_length)
     rows: list[list[int]] = []
     starts: list[int] = []
     for prompt_ids, response_ids in zip(prompt_rows, response_rows, strict=True):
-        response_ids = response_ids[: max_length - 1] + [tokenizer.eos_token_id]
-        room = max_length - len(response_ids)
-        kept_prompt = prompt_ids[-room:] if room > 0 else []
+        kept_prompt = cut_prompt(
+            prompt_ids, max_length - len(response_ids), tokenizer.bos_token_id
+        )
         rows.append(kept_prompt + response_ids)
         starts.append(len(kept_prompt))
     width = max((len(r) for r in rows), default=1)
@@ -360,7 +433,7 @@ def score_pairs(model: RewardModel, pairs: EncodedPairs, batch_size: int = 256) 
         end = start + batch_size
         chosen = model(pairs.chosen_ids[start:end], pairs.chosen_mask[start:end])
         rejected = model(pairs.rejected_ids[start:end], pairs.rejected_mask[start:end])
-        margins.append(chosen - rejected)
+        margins.append((chosen - rejected).cpu())
     return torch.cat(margins) if margins else torch.zeros(0)
 
 
@@ -378,5 +451,5 @@ def score_responses(
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size
         ids, mask = encode_texts(tokenizer, prompts[start:end], responses[start:end], max_length)
-        scores.append(model(ids, mask))
+        scores.append(model(ids, mask).cpu())
     return torch.cat(scores) if scores else torch.zeros(0)

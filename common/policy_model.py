@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.config import ModelConfig
+from common.hardware import model_device
 from common.model import active_adapter, keep_trainable, lora_config
 
 POLICY_ADAPTER = "policy"
@@ -47,10 +48,11 @@ class PolicyModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits ``[B, T, V]``, values ``[B, T]``) of the policy.
+        """(logits ``[B, T, V]``, values ``[B, T]``) of the policy, on its device.
 
         ``position_ids`` are needed for left-padded prompts (rollouts).
         """
+        input_ids, attention_mask, position_ids = self.placed(input_ids, attention_mask, position_ids)
         with active_adapter(self.lm, POLICY_ADAPTER):
             out = self.lm(
                 input_ids=input_ids,
@@ -58,8 +60,16 @@ class PolicyModel(nn.Module):
                 position_ids=position_ids,
                 output_hidden_states=True,
             )
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
         return out.logits, values
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
+
+    def placed(self, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """``tensors`` on the policy's device (None stays None)."""
+        return tuple(t if t is None else t.to(self.device) for t in tensors)
 
     @torch.no_grad()
     def reference_logprobs(
@@ -69,6 +79,7 @@ class PolicyModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token log-probabilities under the base model (all adapters off)."""
+        input_ids, attention_mask, position_ids = self.placed(input_ids, attention_mask, position_ids)
         with keep_trainable(self.lm), self.lm.disable_adapter():
             logits = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
@@ -85,6 +96,7 @@ class PolicyModel(nn.Module):
     ):  # noqa: ANN201
         """Sample from the policy, or from the ``reference`` (every adapter off);
         ``kwargs`` go to ``transformers`` ``generate``."""
+        input_ids, attention_mask = self.placed(input_ids, attention_mask)
         if reference:
             with keep_trainable(self.lm), self.lm.disable_adapter():
                 return self.lm.generate(
@@ -139,8 +151,9 @@ def add_policy(lm: PeftModel, config: ModelConfig, seed: int = 0) -> PolicyModel
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        lm.add_adapter(POLICY_ADAPTER, lora_config(config))
-        value_head = nn.Linear(lm.get_base_model().config.hidden_size, 1)
+        base = lm.get_base_model()
+        lm.add_adapter(POLICY_ADAPTER, lora_config(config, base))
+        value_head = nn.Linear(base.config.hidden_size, 1, device=model_device(base))
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
     lm.eval()
@@ -152,7 +165,8 @@ def load_policy(lm: PeftModel, adapter_dir: str | Path) -> PolicyModel:
     adapter_dir = Path(adapter_dir)
     lm.load_adapter(str(adapter_dir), adapter_name=POLICY_ADAPTER)
     tensors = load_file(str(adapter_dir / VALUE_HEAD_FILE))
-    value_head = nn.Linear(lm.get_base_model().config.hidden_size, 1)
+    base = lm.get_base_model()
+    value_head = nn.Linear(base.config.hidden_size, 1, device=model_device(base))
     with torch.no_grad():
         value_head.weight.copy_(tensors["weight"])
         value_head.bias.copy_(tensors["bias"])

@@ -79,7 +79,7 @@ def shaped_rewards(
     # The last masked position (responses may start after a left-padded prompt).
     last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
     final = scores - missing_eos_penalty * (~ended).float()
-    rewards[torch.arange(len(scores)), last] += final
+    rewards[torch.arange(len(scores), device=rewards.device), last] += final
     return rewards
 
 
@@ -92,8 +92,8 @@ def gae(
     ``A_t = delta_t + gamma * lam * A_{t+1}``.
     """
     advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
-    next_advantage = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    next_value = rewards.new_zeros(rewards.shape[0])
+    next_advantage = rewards.new_zeros(rewards.shape[0])
     for t in reversed(range(rewards.shape[1])):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]

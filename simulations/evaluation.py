@@ -185,7 +185,7 @@ def evaluate_policy_adapter(
     kl = kl_per_token(ours.logp_old, ours.logp_ref, "k1") * ours.response_mask
     win = None
     if reward_dir is not None:
-        gap = (ours.scores - theirs.scores).numpy()
+        gap = (ours.scores - theirs.scores).cpu().numpy()
         win = float(np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0)).mean())
     return PolicyEvaluation(
         prompt_count=len(prompts),

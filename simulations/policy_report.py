@@ -69,7 +69,7 @@ def policy_rounds(
         kl = kl_per_token(rollouts.logp_old, rollouts.logp_ref, "k1") * rollouts.response_mask
         if reference_scores is None:
             reference_scores = rollouts.scores
-        gap = (rollouts.scores - reference_scores).numpy()
+        gap = (rollouts.scores.cpu() - reference_scores.cpu()).numpy()
         server = trained.get(round_ + 1, {})  # round r + 1 started from this checkpoint
         row = {
             "round": round_,

@@ -30,7 +30,7 @@ def test_bad_candidate_files_name_the_line(tmp_path, line, error):
 
 def test_generation_samples_reference_and_policy(tiny_base_dir, tmp_path):
     base, _ = load_base(str(tiny_base_dir))
-    policy = get_peft_model(base, lora_config(ModelConfig()))
+    policy = get_peft_model(base, lora_config(ModelConfig(), base))
     with torch.no_grad():  # a policy that differs from the reference
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -61,7 +61,7 @@ def test_generate_command_shows_reference_and_policy_side_by_side(tiny_base_dir,
     from fedrlhf.cli import main as cli
 
     base, _ = load_base(str(tiny_base_dir))
-    policy = get_peft_model(base, lora_config(ModelConfig()))
+    policy = get_peft_model(base, lora_config(ModelConfig(), base))
     policy.save_pretrained(tmp_path / "policy")
     code = cli(
         ["generate", "--base", str(tiny_base_dir), "--policy", str(tmp_path / "policy")]

@@ -118,7 +118,9 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def left_padded_prompts(
-    tokenizer, prompts: Sequence[str], device: torch.device  # noqa: ANN001
+    tokenizer,
+    prompts: Sequence[str],
+    device: torch.device,  # noqa: ANN001
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts in the training format (:mod:`common.chat_format`), left-padded so that
     every row's response starts at the same column."""

@@ -29,7 +29,6 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
-
 from transformers.pytorch_utils import Conv1D
 
 from common.chat_format import cut_prompt, prompt_token_ids, response_token_ids
@@ -399,9 +398,7 @@ def encode_texts_with_starts(
     rows: list[list[int]] = []
     starts: list[int] = []
     for prompt_ids, response_ids in zip(prompt_rows, response_rows, strict=True):
-        kept_prompt = cut_prompt(
-            prompt_ids, max_length - len(response_ids), tokenizer.bos_token_id
-        )
+        kept_prompt = cut_prompt(prompt_ids, max_length - len(response_ids), tokenizer.bos_token_id)
         rows.append(kept_prompt + response_ids)
         starts.append(len(kept_prompt))
     width = max((len(r) for r in rows), default=1)

@@ -52,7 +52,9 @@ class PolicyModel(nn.Module):
 
         ``position_ids`` are needed for left-padded prompts (rollouts).
         """
-        input_ids, attention_mask, position_ids = self.placed(input_ids, attention_mask, position_ids)
+        input_ids, attention_mask, position_ids = self.placed(
+            input_ids, attention_mask, position_ids
+        )
         with active_adapter(self.lm, POLICY_ADAPTER):
             out = self.lm(
                 input_ids=input_ids,
@@ -79,7 +81,9 @@ class PolicyModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token log-probabilities under the base model (all adapters off)."""
-        input_ids, attention_mask, position_ids = self.placed(input_ids, attention_mask, position_ids)
+        input_ids, attention_mask, position_ids = self.placed(
+            input_ids, attention_mask, position_ids
+        )
         with keep_trainable(self.lm), self.lm.disable_adapter():
             logits = self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids

@@ -138,9 +138,20 @@ def load_base(
     if config and config.gradient_checkpointing:
         # Non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    disable_dropout(model)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero the frozen base's dropout (GPT-2 ships 0.1), as TRL's trainers do: training
+    mode is on while adapters train, and base dropout would make the fresh policy differ
+    from the reference and each comparison's gradient depend on a dropout draw. LoRA's
+    own dropout (``model.lora-dropout``) is added later and is not touched."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:

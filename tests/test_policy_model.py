@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from common.config import ModelConfig
+from common.config import ModelConfig, RunConfig
 from common.model import build_reward_model, encode_texts, load_base
 from common.policy_model import POLICY_ADAPTER, add_policy, load_policy, token_logprobs
 
@@ -84,3 +84,37 @@ def test_policy_adapter_saves_in_peft_layout_and_generates(tiny_base_dir, tmp_pa
         logits, values = loaded(ids, mask)
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(values, expected_values)
+
+
+def _storages(module: torch.nn.Module, keep) -> dict[int, int]:  # noqa: ANN001
+    """data pointer -> bytes of the parameters whose names ``keep`` accepts."""
+    return {
+        p.data_ptr(): p.numel() * p.element_size()
+        for name, p in module.named_parameters()
+        if keep(name)
+    }
+
+
+def test_one_copy_of_the_base_weights_serves_every_role_in_a_client_process(tiny_base_dir):
+    """What a client process holds after serving a reward round and a policy round:
+    reward model, policy, value head and reference share one set of base storages."""
+    from client.policy_round import cached_policy_model
+
+    config = RunConfig.from_flower({"model.base": str(tiny_base_dir), "model.device": "cpu"})
+    reward, policy, _ = cached_policy_model(config.model, config.policy_model)
+    assert policy.lm is reward.lm  # the reference is this model with every adapter off
+
+    def is_base(name: str) -> bool:
+        return "lora_" not in name
+
+    base_storages = _storages(reward.lm, is_base)
+    assert _storages(policy.lm, is_base) == base_storages
+    fresh, _ = load_base(str(tiny_base_dir))
+    one_copy = _storages(fresh, lambda name: True)
+    assert len(base_storages) == len(one_copy)
+    assert sum(base_storages.values()) == sum(one_copy.values())
+    # Everything else the process trains is small: two adapters and two heads.
+    extra = {**_storages(reward, lambda n: not is_base(n) or n.startswith("head.")),
+             **_storages(policy, lambda n: "lora_" in n or n.startswith("value_head."))}  # fmt: skip
+    assert not set(extra) & set(base_storages)
+    assert sum(extra.values()) < 0.5 * sum(one_copy.values())

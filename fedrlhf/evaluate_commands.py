@@ -19,6 +19,7 @@ from rich.table import Table
 from client.importers import read_comparisons, read_prompts
 from client.ppo_training import SamplingSettings
 from common.config import ConfigError, ModelConfig
+from fedrlhf.hardware_options import add_hardware_options, model_config_of
 
 console = Console()
 
@@ -60,7 +61,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         reward = _adapter(args.reward, "reward")
         comparisons = read_comparisons(args.data)
         max_length = max_length_of_checkpoint(reward, ModelConfig().max_length)
-        evaluation = evaluate_reward_adapter(_base(args, reward), reward, comparisons, max_length)
+        evaluation = evaluate_reward_adapter(
+            _base(args, reward), reward, comparisons, max_length, model_config_of(args)
+        )
         result = {"reward": str(reward), "data": args.data, **evaluation.to_dict()}
         _print_reward(result)
     else:
@@ -78,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             max_length,
             samples_per_prompt=args.samples,
             seed=args.seed,
+            model_config=model_config_of(args),
         )
         result = {
             "policy": str(policy),
@@ -147,4 +151,5 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=48, help="--policy: response length")
     ev.add_argument("--seed", type=int, default=0, help="--policy: sampling seed")
     ev.add_argument("--json", help="also write the figures to this JSON file")
+    add_hardware_options(ev)
     ev.set_defaults(func=_evaluate)

@@ -18,6 +18,7 @@ from client.label_queue import QueueSettings, agreement, annotator_counts, refre
 from client.store import PreferenceStore
 from common.config import RunConfig
 from common.privacy import epsilon
+from fedrlhf.hardware_options import add_hardware_options, model_config_of
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -53,11 +54,17 @@ def _candidates(args: argparse.Namespace) -> int:
             print(f"{path}: {len(items)} prompts with candidates")
         if args.generate:
             settings = GenerationSettings(per_model=args.per_model, seed=args.seed)
-            generated = generate_candidates(base, args.policy, store.prompts(), settings)
+            generated = generate_candidates(
+                base, args.policy, store.prompts(), settings, model_config_of(args)
+            )
             for prompt, responses in generated.items():
                 store.add_candidates(prompt, responses)
             print(f"generated candidates for {len(generated)} prompts")
-        scorer = RewardScorer(base, args.reward, config.model.max_length) if args.reward else None
+        scorer = (
+            RewardScorer(base, args.reward, config.model.max_length, model_config_of(args))
+            if args.reward
+            else None
+        )
         settings = QueueSettings(
             random_fraction=args.random_fraction,
             double_fraction=args.double_fraction,
@@ -83,7 +90,11 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     samples = sample_responses(
-        args.base or RunConfig().model.base, args.policy, args.prompt, settings
+        args.base or RunConfig().model.base,
+        args.policy,
+        args.prompt,
+        settings,
+        model_config_of(args),
     )
     table = Table(title="samples: reference (base) vs policy", show_lines=True)
     table.add_column("prompt")
@@ -163,6 +174,7 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
     cand.add_argument("--random-fraction", type=float, default=QueueSettings.random_fraction)
     cand.add_argument("--double-fraction", type=float, default=QueueSettings.double_fraction)
     cand.add_argument("--seed", type=int, default=0)
+    add_hardware_options(cand)
     cand.set_defaults(func=_candidates)
 
     gen = sub.add_parser("generate", help="samples from the base and a policy adapter side by side")
@@ -174,6 +186,7 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
+    add_hardware_options(gen)
     gen.set_defaults(func=_generate)
 
     export = sub.add_parser("export", help="comparisons as prompt/chosen/rejected JSONL")

@@ -129,9 +129,13 @@ def max_length_of_checkpoint(adapter_dir: Path, default: int) -> int:
 
 
 def evaluate_reward_adapter(
-    base: str, reward_dir: Path, comparisons: Sequence[NewComparison], max_length: int
+    base: str,
+    reward_dir: Path,
+    comparisons: Sequence[NewComparison],
+    max_length: int,
+    model_config: ModelConfig | None = None,
 ) -> RewardEvaluation:
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, config=model_config)
     reward = load_reward_model(model, reward_dir)
     return reward_metrics(reward_margins(reward, tokenizer, comparisons, max_length))
 
@@ -165,9 +169,10 @@ def evaluate_policy_adapter(
     samples_per_prompt: int = 2,
     seed: int = 0,
     examples: int = 3,
+    model_config: ModelConfig | None = None,
 ) -> PolicyEvaluation:
     """Reference and policy samples for ``prompts``, judged by the reward adapter."""
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, config=model_config)
     if reward_dir is not None:
         reward = load_reward_model(model, reward_dir)
     else:  # a fresh reward adapter only to hold the base in a PEFT model; never scores

@@ -210,6 +210,15 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
         assert statuses[:ROUNDS] == ["committed"] * ROUNDS and len(statuses) <= ROUNDS + 2
         assert ledger[-1].phase == "policy" and statuses[-1] == "committed"
         assert 0 < spent <= 8.0
+    # Model loads: Flower 1.41 starts a fresh ClientApp process per message, so a node
+    # loads the base once for each round message that reaches the round logic (the
+    # three SecAgg+ key-exchange stages of a round load nothing), i.e. once per round.
+    loads = [fleet.log_text(f"org-{i}").count("loaded base") for i in range(ORGS)]
+    assert all(len(history) <= n <= len(history) + 1 for n in loads), (loads, len(history))
+    shown.append(
+        f"model loads per node: {loads} for {len(history)} rounds "
+        "(one per round; a round the killed ServerApp had begun may add one)"
+    )
     assert not [pid for pid in fleet.seen_pids if alive(pid)], "processes left running"
     shown.append(f"stopped {len(fleet.seen_pids)} processes by PID; none left running")
     with capsys.disabled():

@@ -8,15 +8,24 @@ to the ClientApp as node config, the local runtime API bound where the partner s
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from common.processes import flower_bin
 
 
 def supernode_argv(
-    superlink: str, ca_cert: Path, private_key: Path, store: Path, host: str, port: int
+    superlink: str,
+    ca_cert: Path,
+    private_key: Path,
+    store: Path,
+    host: str,
+    port: int,
+    hardware: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one organization's store."""
+    """``flower-supernode`` for one organization's store; ``hardware`` (``device``,
+    ``dtype``) goes into the node config, where it overrides the run config's
+    ``model.device``/``model.dtype`` on this node only."""
     for path, what in ((ca_cert, "the federation's CA certificate"), (private_key, "node key")):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: {what}")
@@ -31,7 +40,10 @@ def supernode_argv(
         "--auth-supernode-private-key",
         str(private_key.resolve()),
         "--node-config",
-        f"store={json.dumps(str(store.resolve()))}",
+        " ".join(
+            [f"store={json.dumps(str(store.resolve()))}"]
+            + [f"{key}={json.dumps(value)}" for key, value in (hardware or {}).items()]
+        ),
         "--isolation",
         "subprocess",
         "--host",

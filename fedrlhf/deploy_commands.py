@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from client.deployment import supernode_argv
-from common.config import RunConfig
+from common.config import NODE_MODEL_KEYS, RunConfig
 from common.pki import certificate_hosts, create_node_key, create_superlink_certificates
 from common.processes import flower_env, write_run_config
 from server.deployment import launch_argv, register_node_argv, superlink_argv, write_connection
@@ -58,9 +58,13 @@ def _register_node(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
+    hardware = {key: getattr(args, key) for key in NODE_MODEL_KEYS if getattr(args, key)}
+    if hardware:  # checked here, not when the first round arrives
+        RunConfig().replace(**{f"model.{key}": value for key, value in hardware.items()})
     argv = supernode_argv(
-        args.superlink, Path(args.ca), Path(args.key), Path(args.store), args.host, args.port
-    )
+        args.superlink, Path(args.ca), Path(args.key), Path(args.store), args.host, args.port,
+        hardware,
+    )  # fmt: skip
     return _exec(argv, Path(args.home))
 
 
@@ -135,4 +139,6 @@ def add_deployment_commands(sub: argparse._SubParsersAction, parse_override: typ
     node.add_argument(
         "--home", default=str(DEFAULT_HOME / "supernode"), help="the SuperNode's FLWR_HOME"
     )
+    node.add_argument("--device", help="this node's model.device (e.g. cuda:0, cpu)")
+    node.add_argument("--dtype", help="this node's model.dtype (e.g. bfloat16)")
     node.set_defaults(func=_supernode)

@@ -56,7 +56,8 @@ class ModelConfig:
     Adapters, heads, per-sample gradients, clipping, noise and the wire stay float32.
     Node config key ``dtype`` overrides it for that node."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, about 30% more time)."""
+    """Recompute activations in the backward pass (less memory, about 30% more time).
+    Without DP only: Opacus's per-sample gradient hooks do not survive the recomputation."""
     attn_implementation: str = "default"
     """Passed to ``from_pretrained`` (``eager``, ``sdpa``, ``flash_attention_2``);
     ``default`` lets Transformers choose."""
@@ -392,6 +393,12 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.model.gradient_checkpointing and self.privacy.enabled:
+            raise ConfigError(
+                "model.gradient-checkpointing cannot be used with DP (privacy.enabled): "
+                "Opacus's hooks record each layer's activations in the forward pass, and "
+                "checkpointing's recomputation leaves per-sample gradients missing"
+            )
         if self.federation.secure_aggregation and self.federation.min_clients < 2:
             raise ConfigError("secure aggregation needs federation.min-clients >= 2")
 

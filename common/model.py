@@ -137,7 +137,11 @@ def load_base(
     model.to(device=device, dtype=dtype)
     if config and config.gradient_checkpointing:
         # Non-reentrant: the frozen base's inputs need no grad for the LoRA grads to flow.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # Transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     disable_dropout(model)
     model.requires_grad_(False)
     model.eval()

@@ -173,3 +173,22 @@ def test_named_lora_targets_missing_from_the_model_are_named(checkpoints):
     base, _ = load_base(str(checkpoints["gpt2"]))
     with pytest.raises(ValueError, match=r"q_proj.*does not have.*c_attn"):
         build_reward_model(base, ModelConfig(lora_targets="q_proj,v_proj"))
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(checkpoints, architecture):
+    grads = {}
+    for checkpointing in (False, True):
+        config = ModelConfig(device="cpu", dtype="float32", gradient_checkpointing=checkpointing)
+        base, tokenizer = load_base(str(checkpoints[architecture]), config=config)
+        assert base.is_gradient_checkpointing == checkpointing
+        model = build_reward_model(base, config, seed=0)
+        train_only(model, "reward", ("head.",))
+        params = [p for p in model.parameters() if p.requires_grad]
+        pairs = heldout_pairs(tokenizer)
+        batch = (pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask)
+        model.train()
+        grads[checkpointing] = torch.autograd.grad(_pair_loss(model, batch), params)
+    for plain, recomputed in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(recomputed, plain)
+    assert any(g.abs().sum() > 0 for g in grads[True] if g.ndim == 2)

@@ -41,6 +41,8 @@ def test_from_flower_reads_overrides_and_keeps_defaults():
         ({"server.optimizer": "sgd"}, "server.optimizer must be"),
         ({"policy.kl-bound": 0.4}, "policy.kl-bound must be >= policy.kl-target"),
         ({"policy.max-grad-norm": 0.0}, "policy.max-grad-norm must be > 0"),
+        ({"model.gradient-checkpointing": True}, "cannot be used with DP"),
+        ({"model.device": "gpu"}, "model.device must be"),
     ],
 )
 def test_bad_run_config_names_the_key(flat, message):

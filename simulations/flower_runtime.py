@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+import torch
+
 from common.operator_logging import CLIENT_LOG_LEVEL_ENV
 from common.processes import (
     flower_bin,
@@ -73,6 +75,11 @@ class SimulationSuperLink:
     ) -> subprocess.Popen[bytes]:
         """``flwr run APP sim --stream`` in the background; output goes to ``log_file``."""
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+        gpus = torch.cuda.device_count()
+        if gpus:
+            # Ray hides GPUs from actors that ask for none (CUDA_VISIBLE_DEVICES=""), which
+            # would put model.device=auto on the CPU: give each virtual client a share.
+            federation += f" client-resources-num-gpus={min(1.0, gpus / num_supernodes):.4f}"
         log = log_file.open("ab")
         return subprocess.Popen(
             [

@@ -256,7 +256,7 @@ def main() -> None:
         entry.peak_bytes = max(entry.peak_bytes, memory.peak)
 
     for round_ in range(args.rounds):
-        for dp in (False, True):
+        for dp in (False, True) if round_ % 2 == 0 else (True, False):  # no side always first
             memory = PeakMemory(device)
             train_only(reward, "reward", ("head.",))
             params = [p for p in reward.parameters() if p.requires_grad]

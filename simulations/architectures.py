@@ -142,54 +142,43 @@ def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
     }
 
 
+TINY_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
+"""The tests' shape for Llama- and Qwen2-style decoders (grouped-query attention kept)."""
+LLAMA_3_2_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+    max_position_embeddings=131072,
+    rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+        "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    },
+)  # fmt: skip
+QWEN2_5_0_5B = dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)  # fmt: skip
+
+
 def _llama(vocab: int, tokenizer: PreTrainedTokenizerFast, published: bool):  # noqa: ANN202
-    shape = (
-        dict(  # Llama-3.2-1B
-            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-            max_position_embeddings=131072,
-            rope_parameters={
-                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                "original_max_position_embeddings": 8192,
-            },
-        )
-        if published
-        else dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        )
-    )  # fmt: skip
+    shape = LLAMA_3_2_1B if published else TINY_DECODER
     config = LlamaConfig(
-        vocab_size=vocab,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        **shape,
-        **_token_ids(tokenizer),
-    )
+        vocab_size=vocab, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        **shape, **_token_ids(tokenizer),
+    )  # fmt: skip
     return config, LlamaForCausalLM
 
 
 def _qwen2(vocab: int, tokenizer: PreTrainedTokenizerFast, published: bool):  # noqa: ANN202
-    shape = (
-        dict(  # Qwen2.5-0.5B
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        )
-        if published
-        else dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        )
-    )  # fmt: skip
+    shape = QWEN2_5_0_5B if published else TINY_DECODER
     config = Qwen2Config(
-        vocab_size=vocab,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        **shape,
-        **_token_ids(tokenizer),
-    )
+        vocab_size=vocab, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        **shape, **_token_ids(tokenizer),
+    )  # fmt: skip
     return config, Qwen2ForCausalLM
 
 

@@ -33,6 +33,7 @@ from client.ppo_training import (
 )
 from client.reward_round import cached_reward_model, round_seed
 from client.reward_training import DPSettings, OptimizerSettings
+from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
 from common.model import RewardModel, score_responses, train_only
@@ -106,7 +107,8 @@ def policy_round(
 ) -> list[np.ndarray]:
     """Run the client's part of a policy round; returns the arrays to be masked."""
     pc = config.policy
-    reward, policy, tokenizer = cached_policy_model(config.model, config.policy_model)
+    with timed("load"):
+        reward, policy, tokenizer = cached_policy_model(config.model, config.policy_model)
     policy_spec, reward_spec = round_specs(reward, policy)
     incoming = from_ndarrays(global_arrays, [*policy_spec, *reward_spec], where)
     global_policy = {s.name: incoming[s.name] for s in policy_spec}
@@ -126,10 +128,11 @@ def policy_round(
     def sample_measurement(offset: int) -> Measurement:
         # A fixed-size sample of local prompts, for statistics only (not trained on).
         pick = torch.randperm(len(prompts), generator=generator)[: pc.batch_size].tolist()
-        rollouts = generate_rollouts(
-            policy, tokenizer, [prompts[i] for i in pick], score_fn, sampling, seed + offset
-        )
-        return measure(rollouts, pc.kl_estimator)
+        with timed("measure"):
+            rollouts = generate_rollouts(
+                policy, tokenizer, [prompts[i] for i in pick], score_fn, sampling, seed + offset
+            )
+            return measure(rollouts, pc.kl_estimator)
 
     spent = store.privacy_events()
     stats = dict.fromkeys(POLICY_STATS.names, 0.0)
@@ -152,7 +155,8 @@ def policy_round(
 
     dp, charge = None, None
     if config.privacy.enabled:
-        dp, event = _plan_noise(config, spent, rate, store, instruction)
+        with timed("plan noise"):
+            dp, event = _plan_noise(config, spent, rate, store, instruction)
         stats["epsilon"] = check_budget(
             spent, event, config.privacy.epsilon, config.privacy.delta, config.privacy.accountant
         )
@@ -172,23 +176,25 @@ def policy_round(
             else:
                 pick = torch.randperm(len(prompts), generator=generator)[: pc.batch_size]
                 batch = [prompts[i] for i in pick.tolist()]
-            rollouts = generate_rollouts(
-                policy, tokenizer, batch, score_fn, sampling, seed + 1 + iteration
-            )
+            with timed("generate"):
+                rollouts = generate_rollouts(
+                    policy, tokenizer, batch, score_fn, sampling, seed + 1 + iteration
+                )
             if first is None and len(rollouts):
                 first = measure(rollouts, pc.kl_estimator)
-            ppo_stats.append(
-                ppo_update(
-                    policy,
-                    rollouts,
-                    instruction.beta,
-                    settings,
-                    optimizer,
-                    dp=dp,
-                    expected_batch_size=pc.batch_size,
-                    seed=seed + 101 + iteration,
-                )  # fmt: skip
-            )
+            with timed("train"):
+                ppo_stats.append(
+                    ppo_update(
+                        policy,
+                        rollouts,
+                        instruction.beta,
+                        settings,
+                        optimizer,
+                        dp=dp,
+                        expected_batch_size=pc.batch_size,
+                        seed=seed + 101 + iteration,
+                    )  # fmt: skip
+                )
         before = first or sample_measurement(1000)
         stats.update(
             samples=float(min(MAX_COUNT, sum(s.rollouts for s in ppo_stats))),
@@ -208,10 +214,11 @@ def policy_round(
             [c.rejected for c in comparisons],
             config.model.max_length,
         )
-        dpo = train_dpo(
-            policy, batch, steps=pc.iterations, batch_size=pc.batch_size, beta=instruction.beta,
-            optimizer=optimizer, dp=dp, seed=seed + 101,
-        )  # fmt: skip
+        with timed("train"):
+            dpo = train_dpo(
+                policy, batch, steps=pc.iterations, batch_size=pc.batch_size,
+                beta=instruction.beta, optimizer=optimizer, dp=dp, seed=seed + 101,
+            )  # fmt: skip
         stats.update(policy_loss=dpo.mean_loss, samples=float(min(MAX_COUNT, dpo.comparisons)))
         loss_text = f"DPO loss {dpo.mean_loss:.4f}"
     if charge is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from client.reward_training import DPSettings, OptimizerSettings, train_reward_model
+from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
 from common.hardware import model_device
@@ -100,14 +101,16 @@ def reward_round(
     where: str,
 ) -> list[np.ndarray]:
     """Run the client's part of a reward round; returns the arrays to be masked."""
-    model, tokenizer = cached_reward_model(config.model)
+    with timed("load"):
+        model, tokenizer = cached_reward_model(config.model)
     spec = reward_spec(model)
     global_state = from_ndarrays(global_arrays, spec, where)  # refuses bad names/shapes/NaN
     model.load_trainable_state(global_state)
     train_only(model, REWARD_ADAPTER, ("head.",))
 
-    held_out = store.comparisons("heldout", config.reward.heldout_fraction)
-    stats = _evaluate(model, tokenizer, held_out, config.model.max_length)
+    with timed("evaluate"):
+        held_out = store.comparisons("heldout", config.reward.heldout_fraction)
+        stats = _evaluate(model, tokenizer, held_out, config.model.max_length)
     stats.update(train_examples=0.0, train_steps=0.0, train_loss=0.0)
     spent = store.privacy_events()
     stats["epsilon"] = epsilon(spent, config.privacy.delta, config.privacy.accountant)
@@ -117,10 +120,11 @@ def reward_round(
             {}, [], REWARD_STATS.encode(stats), config.federation.secagg_clipping_range
         )
 
-    train = store.comparisons("train", config.reward.heldout_fraction)
-    if not train:
-        raise ValueError(f"{where}: the store {store.path} holds no training comparisons")
-    pairs = _encode(tokenizer, train, config.model.max_length)
+    with timed("encode"):
+        train = store.comparisons("train", config.reward.heldout_fraction)
+        if not train:
+            raise ValueError(f"{where}: the store {store.path} holds no training comparisons")
+        pairs = _encode(tokenizer, train, config.model.max_length)
     sample_rate, steps = planned_steps(
         len(pairs), config.reward.batch_size, config.reward.local_epochs
     )
@@ -129,24 +133,26 @@ def reward_round(
     dp = None
     charge = None
     if config.privacy.enabled:
-        noise = _noise_multiplier(config, spent, sample_rate, steps, instruction)
-        event = DPEvent(noise, sample_rate, steps)
-        stats["epsilon"] = check_budget(
-            spent, event, config.reward_epsilon, config.privacy.delta, config.privacy.accountant
-        )
+        with timed("plan noise"):
+            noise = _noise_multiplier(config, spent, sample_rate, steps, instruction)
+            event = DPEvent(noise, sample_rate, steps)
+            stats["epsilon"] = check_budget(
+                spent, event, config.reward_epsilon, config.privacy.delta, config.privacy.accountant
+            )
         charge = store.begin_charge(run_id, instruction.phase, instruction.round, event)
         dp = DPSettings(noise, config.privacy.max_grad_norm)
 
-    result = train_reward_model(
-        model,
-        pairs,
-        steps=steps,
-        batch_size=config.reward.batch_size,
-        optimizer=OptimizerSettings.of(config.reward),
-        dp=dp,
-        accountant=accountant_for(spent, config.privacy.accountant) if dp else None,
-        seed=seed,
-    )
+    with timed("train"):
+        result = train_reward_model(
+            model,
+            pairs,
+            steps=steps,
+            batch_size=config.reward.batch_size,
+            optimizer=OptimizerSettings.of(config.reward),
+            dp=dp,
+            accountant=accountant_for(spent, config.privacy.accountant) if dp else None,
+            seed=seed,
+        )
     if charge is not None:
         store.commit_charge(charge, result.steps)
     log.info(

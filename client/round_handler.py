@@ -11,19 +11,12 @@ import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from client.node_store import store_path
 from client.policy_round import policy_round
 from client.reward_round import reward_round
 from client.store import PreferenceStore
 from common.config import RunConfig
 from common.protocol import RoundInstruction
-
-
-def store_path(context: Context, config: RunConfig) -> str:
-    """The node's ``store`` setting, else the run config's template for it."""
-    if "store" in context.node_config:
-        return str(context.node_config["store"])
-    partition = context.node_config.get("partition-id", 0)
-    return config.client.store.replace("{partition-id}", str(partition))
 
 
 def handle_round(msg: Message, context: Context) -> Message:

@@ -211,17 +211,27 @@ class FederationConfig:
     survive a round for its aggregate to be used."""
     fraction_train: float = 1.0
     secure_aggregation: bool = True
-    secagg_shares: float = 1.0
-    """Shares per client as a fraction of the sampled clients (Flower's num_shares)."""
-    secagg_threshold: float = 0.6
-    """Shares needed to unmask, as a fraction of the shares: the round survives up
-    to (1 - threshold) of the sampled clients dropping out."""
+    secagg_shares: str = "auto"
+    """Key shares per client (SecAgg+'s k, :mod:`server.share_graph`): ``auto``, the
+    smallest k that survives ``secagg-dropout`` within ``secagg-failure`` (it grows
+    like log n: 19 of 100 clients at the defaults); ``all`` (SecAgg's complete graph);
+    or a number, e.g. ``"21"``."""
+    secagg_threshold: float = 0.5
+    """Shares that rebuild a client's keys: more than this fraction of k (at least a
+    strict majority, so no minority of a client's neighbours can unmask it). The
+    round survives any k - t dropouts."""
+    secagg_dropout: float = 0.1
+    """Independent dropout rate each round must survive under ``secagg-shares=auto``."""
+    secagg_failure: float = 0.001
+    """Accepted chance that dropouts at ``secagg-dropout`` fail a round (it is retried)."""
     secagg_clipping_range: float = 4.0
     """Update values (and scaled statistics) are clipped to +-this before
     quantization; clients refuse to send values outside it."""
     secagg_quantization_range: int = 4194304
     round_timeout: float = 600.0
     """Seconds to wait for replies in each stage of a round."""
+    poll_interval: float = 0.05
+    """Seconds between the server's pulls for replies (Flower's own loop waits 3 s)."""
     node_wait_timeout: float = 600.0
     """Seconds to wait for min_clients nodes to connect."""
 
@@ -375,11 +385,27 @@ class RunConfig:
                 0 < self.federation.fraction_train <= 1,
                 "federation.fraction-train must be in (0, 1]",
             ),
-            (0 < self.federation.secagg_shares <= 1, "federation.secagg-shares must be in (0, 1]"),
             (
-                0 < self.federation.secagg_threshold <= 1,
-                "federation.secagg-threshold must be in (0, 1]",
+                self.federation.secagg_shares in ("auto", "all")
+                or (
+                    self.federation.secagg_shares.isdigit()
+                    and int(self.federation.secagg_shares) >= 3
+                ),
+                "federation.secagg-shares must be 'auto', 'all' or a number of shares >= 3",
             ),
+            (
+                0.5 <= self.federation.secagg_threshold < 1,
+                "federation.secagg-threshold must be in [0.5, 1)",
+            ),
+            (
+                0 <= self.federation.secagg_dropout < 0.5,
+                "federation.secagg-dropout must be in [0, 0.5)",
+            ),
+            (
+                0 < self.federation.secagg_failure < 1,
+                "federation.secagg-failure must be in (0, 1)",
+            ),
+            (self.federation.poll_interval > 0, "federation.poll-interval must be > 0"),
             (
                 self.federation.secagg_clipping_range > 0,
                 "federation.secagg-clipping-range must be > 0",

@@ -23,6 +23,10 @@ APP_DIR = Path(__file__).resolve().parent.parent
 checkout this package runs from."""
 
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = "0.05"
+
+
 def flower_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     """Environment for a Flower process: quiet, offline, its state under ``home``.
 
@@ -41,6 +45,9 @@ def flower_env(home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    # A SuperNode's flower-superexec looks for messages to run every second by default;
+    # each SecAgg+ round has four, so that is up to 4 s a round of waiting.
+    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
     if ray_tmp is not None:
         env.update(
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps every Ray port on 127.0.0.1

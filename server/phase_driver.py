@@ -49,6 +49,7 @@ from server.checkpoints import RunDirectory, ServerState
 from server.kl_controller import AdaptiveKLController, FixedKLController, trust_region
 from server.rounds import RoundOutcome, run_plain_round, run_secure_round
 from server.server_optimizer import ServerOptimizer
+from server.share_graph import ShareGraph
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class PhaseDriver:
         )
         self.state = ServerState(seed=self.config.seed)
         self.full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        self._last_graph: ShareGraph | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -338,6 +340,7 @@ class PhaseDriver:
             "phase": phase,
             "task": task,
             "round": round_,
+            "server_round": self.state.server_round,
             "evaluated_model_round": round_ - 1 if task == "train" else round_,
             "sampled": len(outcome.sampled),
             "survivors": n,
@@ -351,10 +354,16 @@ class PhaseDriver:
             "adapter_bytes": nbytes(self.spec[phase]),
             "full_model_bytes": self.full_model_bytes,
             "seconds": round(outcome.seconds, 3),
+            "timeline": [stage.to_json() for stage in outcome.stages],
+            "server_seconds": round(outcome.seconds - sum(s.seconds for s in outcome.stages), 3),
+            "secagg": outcome.share_graph.to_json() if outcome.share_graph else None,
             **(self._reward_figures if phase == "reward" else self._policy_figures)(task, sums, n),
             **extra,
         }
         self.state.history.append(entry)
+        if outcome.share_graph is not None and outcome.share_graph != self._last_graph:
+            log.info("%s round %d: %s", phase, round_, outcome.share_graph.describe())
+            self._last_graph = outcome.share_graph
         dp = "" if self.config.privacy.enabled else " (DP OFF)"
         traffic = (
             f"{entry['bytes_down_per_client']} B down / {entry['bytes_up_per_client']} B up "

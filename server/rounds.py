@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 
 from common.config import FederationConfig
 from common.wire import TensorSpec, WireError
+from server.share_graph import ShareGraph, share_graph
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,26 @@ class Dropout:
 
 
 @dataclass
+class StageTiming:
+    """One exchange of a round: push to the last reply, and each node's reply time."""
+
+    stage: str
+    seconds: float
+    node_seconds: dict[int, float] = field(default_factory=dict)
+    """Seconds from the push to each node's reply; a node that never replied is absent."""
+
+    def to_json(self) -> dict[str, Any]:
+        replies = sorted(self.node_seconds.values())
+        return {
+            "stage": self.stage,
+            "seconds": round(self.seconds, 3),
+            "first_reply": round(replies[0], 3) if replies else None,
+            "median_reply": round(replies[len(replies) // 2], 3) if replies else None,
+            "nodes": {str(n): round(s, 3) for n, s in sorted(self.node_seconds.items())},
+        }
+
+
+@dataclass
 class RoundOutcome:
     sampled: list[int]
     survivors: list[int] = field(default_factory=list)
@@ -55,6 +76,11 @@ class RoundOutcome:
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    share_graph: ShareGraph | None = None
+    """SecAgg+'s shares and threshold for this round (None without SecAgg+)."""
+    stages: list[StageTiming] = field(default_factory=list)
+    """Every exchange of the round in order; ``seconds`` minus their sum is the
+    server's own work (unmasking, aggregation)."""
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -103,18 +129,26 @@ def check_masked_vector(reply: Message, spec: Sequence[TensorSpec]) -> None:
 
 
 class ObservedGrid:
-    """A grid that records every reply error, missing reply and payload size.
+    """A grid that times every exchange and records every reply error, missing reply
+    and payload size.
 
-    With ``reply_spec`` it also checks the masked vectors of a SecAgg+ round and
-    drops a reply that fails (SecAgg+ then unmasks around that client, as for any
-    client lost at that stage).
+    It pulls replies every ``poll_interval`` seconds: Flower's own
+    ``send_and_receive`` sleeps 3 s between pulls, which a SecAgg+ round (four
+    exchanges) pays up to four times. With ``reply_spec`` it also checks the masked
+    vectors of a SecAgg+ round and drops a reply that fails (SecAgg+ then unmasks
+    around that client, as for any client lost at that stage).
     """
 
     def __init__(
-        self, grid: Grid, outcome: RoundOutcome, reply_spec: Sequence[TensorSpec] | None = None
+        self,
+        grid: Grid,
+        outcome: RoundOutcome,
+        poll_interval: float,
+        reply_spec: Sequence[TensorSpec] | None = None,
     ) -> None:
         self._grid = grid
         self._outcome = outcome
+        self._poll_interval = poll_interval
         self._reply_spec = reply_spec
 
     def __getattr__(self, name: str) -> Any:
@@ -128,7 +162,7 @@ class ObservedGrid:
             down[m.metadata.dst_node_id] = down.get(m.metadata.dst_node_id, 0) + payload_bytes(
                 m.content
             )
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = self._exchange(messages, stage, timeout)
         answered, accepted = set(), []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -154,6 +188,26 @@ class ObservedGrid:
                     Dropout(m.metadata.dst_node_id, stage, f"no reply within {timeout} s")
                 )
         return accepted
+
+    def _exchange(self, messages: list[Message], stage: str, timeout: float | None) -> list:
+        """Push, then pull until every message is answered or ``timeout`` passes."""
+        start = time.monotonic()
+        ids = list(self._grid.push_messages(messages))
+        nodes = dict(zip(ids, (m.metadata.dst_node_id for m in messages), strict=True))
+        timing = StageTiming(stage, 0.0)
+        replies: list[Message] = []
+        while nodes:
+            for reply in self._grid.pull_messages(list(nodes)):
+                node = nodes.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    timing.node_seconds[node] = time.monotonic() - start
+                    replies.append(reply)
+            if not nodes or (timeout is not None and time.monotonic() - start >= timeout):
+                break
+            time.sleep(self._poll_interval)
+        timing.seconds = time.monotonic() - start
+        self._outcome.stages.append(timing)
+        return replies
 
 
 def _stage(message: Message) -> str:
@@ -233,7 +287,7 @@ def run_secure_round(
     """
     outcome = RoundOutcome(sampled=sorted(node_ids))
     start = time.perf_counter()
-    observed = ObservedGrid(grid, outcome, reply_spec)
+    observed = ObservedGrid(grid, outcome, federation.poll_interval, reply_spec)
     strategy = _PresetRound(observed, context.run_id, node_ids, config)  # type: ignore[arg-type]
     legacy = LegacyContext(context, config=LegacyServerConfig(num_rounds=1), strategy=strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
@@ -242,9 +296,11 @@ def run_secure_round(
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(arrays), keep_input=True
     )
+    graph = outcome.share_graph = share_graph(len(node_ids), federation)
     workflow = _SecAggPlus(
-        num_shares=float(federation.secagg_shares),
-        reconstruction_threshold=float(federation.secagg_threshold),
+        # Flower reads a float as a fraction of the sampled clients, an int as a count.
+        num_shares=1.0 if graph.shares >= len(node_ids) else graph.shares,
+        reconstruction_threshold=graph.threshold,
         max_weight=1.0,  # every client has weight 1 (num_examples = 1)
         clipping_range=federation.secagg_clipping_range,
         quantization_range=federation.secagg_quantization_range,
@@ -290,7 +346,7 @@ def run_plain_round(
         )
         for node in node_ids
     ]
-    replies = ObservedGrid(grid, outcome).send_and_receive(
+    replies = ObservedGrid(grid, outcome, federation.poll_interval).send_and_receive(
         messages, timeout=federation.round_timeout
     )
     collected = []

@@ -7,6 +7,8 @@ PID and stop it, with the Ray cluster and app processes under it, when done.
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +27,18 @@ from common.processes import (
 )
 
 RAY_DIR_PREFIX = "fedrlhf-ray-"
+MAX_ACTORS = 8
+"""Ray actors (processes, each with its own copy of the base) on a machine with fewer
+cores than this: more actors than cores let a round's clients all train at once."""
+
+
+def client_cpus(clients: int, cores: int) -> float:
+    """CPUs per virtual client, so that Ray starts ``min(clients, max(cores, MAX_ACTORS))``
+    actors. One actor per core would run 5 clients on 2 cores in three waves, the last
+    with one core idle (a quarter of every round lost); five actors time-share the two
+    cores and finish together."""
+    actors = max(1, min(clients, max(cores, MAX_ACTORS)))
+    return math.floor(cores / actors * 1e4) / 1e4
 
 
 class SimulationSuperLink:
@@ -74,7 +88,8 @@ class SimulationSuperLink:
         self, app_dir: Path, run_config_file: Path, num_supernodes: int, log_file: Path
     ) -> subprocess.Popen[bytes]:
         """``flwr run APP sim --stream`` in the background; output goes to ``log_file``."""
-        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+        cpus = client_cpus(num_supernodes, os.cpu_count() or 1)
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
         gpus = torch.cuda.device_count()
         if gpus:
             # Ray hides GPUs from actors that ask for none (CUDA_VISIBLE_DEVICES=""), which

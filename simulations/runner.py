@@ -17,6 +17,8 @@ import logging
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from simulations.flower_runtime import SimulationSuperLink
 from simulations.policy_report import build_policy_report, plot_objectives
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
+from simulations.round_timeline import round_timeline
 from simulations.user_data import DataOptions, UserData
 from simulations.world import World, WorldConfig, heldout_prompts
 
@@ -286,13 +289,25 @@ def clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
+@contextmanager
+def _step(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds of one step of the simulation to ``timings``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
+
+
 def run_simulation(options: SimulationOptions) -> dict:
     run_dir = options.out_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     scenario: Scenario = DataScenario(options) if options.data else WorldScenario(options)
     console.print(f"[bold]fedrlhf simulation[/bold] -> {run_dir}")
-    base = scenario.base(options.overrides)
+    with _step(timings, "base model"):
+        base = scenario.base(options.overrides)
     stores_dir = run_dir / "stores"
     overrides = {
         **options.overrides,
@@ -304,34 +319,41 @@ def run_simulation(options: SimulationOptions) -> dict:
         ),
     }
     config = RunConfig().replace(**overrides)
-    stores = scenario.fill_stores(config, run_dir)
+    with _step(timings, "stores and test set"):
+        stores = scenario.fill_stores(config, run_dir)
+        _, tokenizer = load_base(base)
+        test = scenario.test_set(tokenizer, config.model.max_length)
     with PreferenceStore(stores[0]) as first:
         console.print(
             f"{len(stores)} organizations ({first.counts()['comparisons']} comparisons in the "
             f"first), stores in {stores_dir}"
         )
-
-    _, tokenizer = load_base(base)
-    test = scenario.test_set(tokenizer, config.model.max_length)
-    if options.baselines:
-        baselines = _run_baselines(config, stores, test)
-    else:
-        baselines = Baselines(float("nan"), [float("nan")], test.bayes_ceiling)
+    with _step(timings, "baselines"):
+        if options.baselines:
+            baselines = _run_baselines(config, stores, test)
+        else:
+            baselines = Baselines(float("nan"), [float("nan")], test.bayes_ceiling)
     clear_run(run_dir)
-    federate(config, overrides, run_dir, scenario.organizations, options.timeout)
+    with _step(timings, "federation"):
+        federate(config, overrides, run_dir, scenario.organizations, options.timeout)
 
-    with console.status("scoring every round's reward model on the test set"):
+    scoring = console.status("scoring every round's reward model on the test set")
+    with _step(timings, "scoring reward checkpoints"), scoring:
         report = build_report(config, run_dir, stores, test, baselines, scenario.describe())
-    with console.status("generating with every round's policy on held-out prompts"):
+    generating = console.status("generating with every round's policy on held-out prompts")
+    with _step(timings, "scoring policy checkpoints"), generating:
         report["policy"] = scenario.policy_report(config, run_dir)
     if options.compare_objectives and report["policy"]:
-        other = _run_other_objective(scenario, config, overrides, run_dir, options)
+        with _step(timings, "other objective"):
+            other = _run_other_objective(scenario, config, overrides, run_dir, options)
         report["comparison"] = other
         plot_objectives(
             run_dir / "ppo_vs_dpo.png",
             {config.policy.objective: report["policy"], other["objective"]: other},
         )
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["step_seconds"] = timings
+    report["round_timeline"] = round_timeline(run_dir / "metrics.jsonl", stores)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _print_summary(report, run_dir)
     return report
@@ -362,7 +384,10 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         f"epsilon per client (max / median), {dp}{sa}",
         f"{max(eps):.3f} / {statistics.median(eps):.3f}",
     )
-    table.add_row("wall time", f"{report['seconds']:.0f} s")
+    steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in report["step_seconds"].items())
+    table.add_row("wall time (s)", f"{report['seconds']:.0f}: {steps}")
+    for phase, line in report["round_timeline"].items():
+        table.add_row(f"{phase} round, median s", line["summary"])
     policy = report.get("policy")
     if policy and "final_true_utility" in policy:
         table.add_row(

@@ -10,6 +10,7 @@ ClientApp, its mods and the round logic are all the real ones.
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,13 +41,18 @@ class InProcessGrid:
             for node, cfg in self.node_configs.items()
         }
         self.server_context = Context(RUN_ID, 0, {}, RecordDict(), dict(self.run_config))
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
-        replies = []
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        """Deliver each message now; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for message in messages:
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            ids.append(message_id)
             node = message.metadata.dst_node_id
             if self.drop(node, message):
                 continue
@@ -59,8 +65,14 @@ class InProcessGrid:
                     Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message
                 )
             self.sent_by_clients.append((node, reply))
-            replies.append(reply)
-        return replies
+            self._replies[message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:  # noqa: ANN001
+        return self.pull_messages(self.push_messages(messages))
 
     def deliver(self, node: int, message: Message) -> Message:
         """The message as it arrives at ``node``: a copy, as serialization would make."""

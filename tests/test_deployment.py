@@ -21,48 +21,16 @@ import pytest
 from client.store import PreferenceStore
 from common.config import RunConfig
 from common.privacy import epsilon
-from common.processes import (
-    descendants,
-    flower_bin,
-    free_port,
-    stop_process_tree,
-    wait_until_listening,
-)
+from common.processes import descendants, free_port, stop_process_tree, wait_until_listening
+from simulations.loopback_deployment import FEDRLHF, Fleet, fedrlhf
 from simulations.runner import fill_stores
 from simulations.world import World, WorldConfig
 
 pytestmark = pytest.mark.slow
 
-FEDRLHF = flower_bin("fedrlhf")
 ORGS = 3
 ROUNDS = 3
 REFUSED = "Failed to activate SuperNode"  # Flower's exit code 305 message
-
-
-class Fleet:
-    """Processes started by this test; all stopped by PID, with their descendants."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.seen_pids: set[int] = set()
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log_file = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.processes[name] = process
-        return process
-
-    def log_text(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            self.seen_pids |= {process.pid, *descendants(process.pid)}
-        for process in reversed(list(self.processes.values())):
-            stop_process_tree(process)
 
 
 def alive(pid: int) -> bool:
@@ -78,12 +46,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def fedrlhf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FEDRLHF, *args], capture_output=True, text=True, timeout=timeout, check=True
-    )
 
 
 def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsys):

@@ -1,0 +1,146 @@
+"""Simulated reward rounds as the federation grows: 10, 30, 100 organizations.
+
+    python benchmarks/simulated_rounds.py [--clients 10 30 100] [--comparisons 100]
+
+For each size, the real ServerApp and ClientApp under Flower's simulation engine
+(DP-SGD + SecAgg+, every organization sampled), ``--rounds`` reward rounds on stores
+of ``--comparisons`` comparisons. Prints, per size, the seconds of a round after the
+first (which loads the models) split into the slowest client's local work, SecAgg+
+and waiting; the SecAgg+ share graph; bytes per client each way against the adapter's;
+and the peak memory of all the simulation's processes together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+
+from client.round_timeline import read_timeline
+from common.config import RunConfig
+from common.english_base import default_cache_dir
+from simulations.pretrain import pretrained_base
+from simulations.round_timeline import round_breakdown
+from simulations.runner import clear_run, federate, fill_stores
+from simulations.world import World, WorldConfig
+
+
+@contextmanager
+def peak_tree_memory(peak: list[int]) -> Iterator[None]:
+    """Sample the summed RSS of this process and all its descendants (Ray included)."""
+    done = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not done.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with suppress(psutil.Error):
+                    total += process.memory_info().rss
+            peak[0] = max(peak[0], total)
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def run_size(clients: int, comparisons: int, rounds: int, base: Path, work: Path) -> dict:
+    world = World(
+        replace(
+            WorldConfig(),
+            organizations=clients,
+            comparisons_per_org=comparisons,
+            policy_prompts_per_org=1,
+        )
+    )
+    run_dir = work / f"clients-{clients}"
+    overrides = {
+        "run-dir": str(run_dir),
+        "model.base": str(base),
+        "client.store": str(run_dir / "stores" / "org-{partition-id}.sqlite"),
+        "reward.rounds": rounds,
+        "policy.rounds": 0,
+        "federation.min-clients": clients,
+    }
+    config = RunConfig().replace(**overrides)
+    stores = fill_stores(world, config, run_dir / "stores")
+    clear_run(run_dir)
+    peak = [0]
+    with peak_tree_memory(peak):
+        federate(config, overrides, run_dir, clients, timeout=3600)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines: dict[str, list[dict]] = {}
+    for store in stores:
+        for line in read_timeline(store):
+            lines.setdefault(line["group"], []).append(line)
+    train = [h for h in history if h["task"] == "train"]
+    parts = [round_breakdown(h, lines.get(str(h["server_round"]), [])) for h in train]
+    steady = parts[1:] or parts
+    return {
+        "clients": clients,
+        "first_round": parts[0]["round"],
+        **{
+            k: statistics.median(p[k] for p in steady)
+            for k in ("round", "train", "secagg", "waiting")
+        },
+        "secagg": train[-1]["secagg"],
+        "down": max(h["bytes_down_per_client"] for h in train),
+        "up": max(h["bytes_up_per_client"] for h in train),
+        "adapter": train[-1]["adapter_bytes"],
+        "accuracy": history[-1]["fed_eval_accuracy"],
+        "peak_memory": peak[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 30, 100])
+    parser.add_argument("--comparisons", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=default_cache_dir())
+    args = parser.parse_args()
+
+    base = pretrained_base(World(WorldConfig()), args.cache)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fedrlhf-scale-") as tmp:
+        for clients in args.clients:
+            results.append(run_size(clients, args.comparisons, args.rounds, base, Path(tmp)))
+            r = results[-1]
+            print(f"done: {clients} clients, round {r['round']:.1f} s", flush=True)
+    print(
+        f"\nreward rounds, DP-SGD + SecAgg+, all sampled, {args.comparisons} comparisons per "
+        f"client, {psutil.cpu_count()} cores; median over rounds 2-{args.rounds}"
+    )
+    print(
+        "clients | round s | = local train + SecAgg+ + waiting | 1st round s | shares/threshold "
+        "| B down / up per client (x adapter) | peak RSS"
+    )
+    for r in results:
+        graph = r["secagg"]
+        print(
+            f"{r['clients']:7d} | {r['round']:7.1f} | = {r['train']:5.1f} + {r['secagg']:5.1f} + "
+            f"{r['waiting']:5.1f}        | {r['first_round']:11.1f} | "
+            f"{graph['shares']:3d}/{graph['threshold']:<3d} (any {graph['tolerated_dropouts']} drop) "
+            f"| {r['down']:,} / {r['up']:,} ({r['down'] / r['adapter']:.1f}x / "
+            f"{r['up'] / r['adapter']:.1f}x) | {r['peak_memory'] / 2**30:.2f} GiB"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -114,11 +114,13 @@ def main() -> None:
     parser.add_argument("--comparisons", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=default_cache_dir())
+    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: temporary)")
     args = parser.parse_args()
 
     base = pretrained_base(World(WorldConfig()), args.cache)
     results = []
-    with tempfile.TemporaryDirectory(prefix="fedrlhf-scale-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedrlhf-scale-") as tmp_dir:
+        tmp = args.work_dir or tmp_dir
         for clients in args.clients:
             results.append(run_size(clients, args.comparisons, args.rounds, base, Path(tmp)))
             r = results[-1]

@@ -7,7 +7,6 @@ PID and stop it, with the Ray cluster and app processes under it, when done.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess
@@ -32,13 +31,12 @@ MAX_ACTORS = 8
 cores than this: more actors than cores let a round's clients all train at once."""
 
 
-def client_cpus(clients: int, cores: int) -> float:
-    """CPUs per virtual client, so that Ray starts ``min(clients, max(cores, MAX_ACTORS))``
-    actors. One actor per core would run 5 clients on 2 cores in three waves, the last
-    with one core idle (a quarter of every round lost); five actors time-share the two
-    cores and finish together."""
-    actors = max(1, min(clients, max(cores, MAX_ACTORS)))
-    return math.floor(cores / actors * 1e4) / 1e4
+def ray_cpus(clients: int, cores: int) -> int:
+    """CPUs Ray is told it has, at one CPU per virtual client: ``min(clients,
+    max(cores, MAX_ACTORS))`` actors. One actor per core would run 5 clients on 2 cores
+    in three waves, the last with one core idle; five actors time-share the two cores
+    and finish together. (Flower takes whole CPUs per client only.)"""
+    return max(1, min(clients, max(cores, MAX_ACTORS)))
 
 
 class SimulationSuperLink:
@@ -88,8 +86,11 @@ class SimulationSuperLink:
         self, app_dir: Path, run_config_file: Path, num_supernodes: int, log_file: Path
     ) -> subprocess.Popen[bytes]:
         """``flwr run APP sim --stream`` in the background; output goes to ``log_file``."""
-        cpus = client_cpus(num_supernodes, os.cpu_count() or 1)
-        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
+        cpus = ray_cpus(num_supernodes, os.cpu_count() or 1)
+        federation = (
+            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
+            f"init-args-num-cpus={cpus}"
+        )
         gpus = torch.cuda.device_count()
         if gpus:
             # Ray hides GPUs from actors that ask for none (CUDA_VISIBLE_DEVICES=""), which

@@ -74,3 +74,25 @@ def test_budget_refusal():
     with pytest.raises(BudgetExceeded, match="above the budget of 8.0"):
         check_budget([DPEvent(1.0, 0.1, 100)], DPEvent(0.7, 0.1, 200), 8.0, DELTA)
     assert check_budget([], DPEvent(1.0, 0.1, 10), 8.0, DELTA) < 8.0
+
+
+def test_cached_rdp_epsilon_equals_opacus_accountant():
+    """The per-step RDP cache must not change a single figure Opacus would give."""
+    from opacus.accountants import RDPAccountant
+
+    events = [DPEvent(1.1, 0.05, 30), DPEvent(0.8, 0.2, 7), DPEvent(1.1, 0.05, 30)]
+    accountant = RDPAccountant()
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+    assert epsilon(events, DELTA) == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-12)
+
+
+@pytest.mark.parametrize("budget", [0.5, 3.0, 8.0])
+def test_calibration_returns_the_smallest_noise_that_fits(budget):
+    plan = [(0.02, 40), (0.1, 8)]
+
+    def total(sigma):
+        return epsilon([DPEvent(sigma, q, s) for q, s in plan], DELTA)
+
+    sigma = calibrate_noise_multiplier([], plan, budget=budget, delta=DELTA, tolerance=1e-3)
+    assert total(sigma) <= budget
+    assert total(sigma * (1 - 2e-3)) > budget  # a hair less noise would overspend

@@ -1,13 +1,17 @@
 """Simulated reward rounds as the federation grows: 10, 30, 100 organizations.
 
     python benchmarks/simulated_rounds.py [--clients 10 30 100] [--comparisons 100]
+        [--same-total 10000]
 
 For each size, the real ServerApp and ClientApp under Flower's simulation engine
 (DP-SGD + SecAgg+, every organization sampled), ``--rounds`` reward rounds on stores
 of ``--comparisons`` comparisons. Prints, per size, the seconds of a round after the
 first (which loads the models) split into the slowest client's local work, SecAgg+
 and waiting; the SecAgg+ share graph; bytes per client each way against the adapter's;
-and the peak memory of all the simulation's processes together.
+and the peak memory of all the simulation's processes together. With ``--same-total``,
+a second series splits that many comparisons over the same numbers of organizations
+(more, smaller organizations at the same total data) and prints the federation's
+held-out accuracy for each split.
 """
 
 from __future__ import annotations
@@ -58,16 +62,21 @@ def peak_tree_memory(peak: list[int]) -> Iterator[None]:
         thread.join()
 
 
+TEST_PAIRS = 4000
+"""Held-out comparisons over all organizations, whatever their number."""
+
+
 def run_size(clients: int, comparisons: int, rounds: int, base: Path, work: Path) -> dict:
     world = World(
         replace(
             WorldConfig(),
             organizations=clients,
             comparisons_per_org=comparisons,
+            test_pairs_per_org=max(1, TEST_PAIRS // clients),
             policy_prompts_per_org=1,
         )
     )
-    run_dir = work / f"clients-{clients}"
+    run_dir = work / f"clients-{clients}-x{comparisons}"
     overrides = {
         "run-dir": str(run_dir),
         "model.base": str(base),
@@ -92,6 +101,7 @@ def run_size(clients: int, comparisons: int, rounds: int, base: Path, work: Path
     steady = parts[1:] or parts
     return {
         "clients": clients,
+        "comparisons": comparisons,
         "first_round": parts[0]["round"],
         **{
             k: statistics.median(p[k] for p in steady)
@@ -115,6 +125,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=default_cache_dir())
     parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: temporary)")
+    parser.add_argument(
+        "--same-total", type=int, help="also split this many comparisons over --clients"
+    )
     args = parser.parse_args()
 
     base = pretrained_base(World(WorldConfig()), args.cache)
@@ -125,6 +138,14 @@ def main() -> None:
             results.append(run_size(clients, args.comparisons, args.rounds, base, Path(tmp)))
             r = results[-1]
             print(f"done: {clients} clients, round {r['round']:.1f} s", flush=True)
+        same_total = []
+        for clients in args.clients if args.same_total else []:
+            per_client = args.same_total // clients
+            if per_client == args.comparisons:  # already run above
+                same_total.append(next(r for r in results if r["clients"] == clients))
+                continue
+            same_total.append(run_size(clients, per_client, args.rounds, base, Path(tmp)))
+            print(f"done: {clients} clients x {per_client} comparisons", flush=True)
     print(
         f"\nreward rounds, DP-SGD + SecAgg+, all sampled, {args.comparisons} comparisons per "
         f"client, {psutil.cpu_count()} cores; median over rounds 2-{args.rounds}"
@@ -142,6 +163,17 @@ def main() -> None:
             f"| {r['down']:,} / {r['up']:,} ({r['down'] / r['adapter']:.1f}x / "
             f"{r['up'] / r['adapter']:.1f}x) | {r['peak_memory'] / 2**30:.2f} GiB"
         )
+    if same_total:
+        print(
+            f"\n{args.same_total} comparisons in all, {args.rounds} rounds, the same epsilon "
+            f"per client; held-out accuracy on {TEST_PAIRS} pairs"
+        )
+        print("clients | comparisons each | accuracy | round s")
+        for r in same_total:
+            print(
+                f"{r['clients']:7d} | {r['comparisons']:16d} | {r['accuracy']:8.3f} | "
+                f"{r['round']:7.1f}"
+            )
 
 
 if __name__ == "__main__":

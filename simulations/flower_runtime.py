@@ -88,8 +88,7 @@ class SimulationSuperLink:
         """``flwr run APP sim --stream`` in the background; output goes to ``log_file``."""
         cpus = ray_cpus(num_supernodes, os.cpu_count() or 1)
         federation = (
-            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
-            f"init-args-num-cpus={cpus}"
+            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 init-args-num-cpus={cpus}"
         )
         gpus = torch.cuda.device_count()
         if gpus:

@@ -148,8 +148,8 @@ def test_sparse_round_equals_plain_fedavg_and_survives_a_dropout(tiny_base_dir, 
     share_keys = [
         m
         for _, m in grid.sent_by_clients
-        if (c := m.content.config_records.get(RECORD_KEY_CONFIGS)) is not None
-        and "dsts" in c
+        if (c := m.content.config_records.get(RECORD_KEY_CONFIGS)) is not None and "dsts" in c
     ]
-    assert share_keys and all(len(m.content.config_records[RECORD_KEY_CONFIGS]["dsts"]) == 2
-                              for m in share_keys)
+    assert share_keys and all(
+        len(m.content.config_records[RECORD_KEY_CONFIGS]["dsts"]) == 2 for m in share_keys
+    )

@@ -27,13 +27,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from client.round_timeline import read_timeline
 from common.config import RunConfig
 from common.english_base import default_cache_dir
 from common.protocol import RoundInstruction
 from simulations.loopback_deployment import LoopbackDeployment
 from simulations.pretrain import pretrained_base
-from simulations.round_timeline import round_breakdown
+from simulations.round_timeline import client_rounds, round_breakdown
 from simulations.runner import fill_stores
 from simulations.world import World, WorldConfig
 
@@ -114,10 +113,7 @@ def main() -> None:
         local = local_alone(local_stores, config, args.rounds)
         history = deployment(tmp / "deployment", stores, settings, args.timeout)
         rounds = [h for h in history if h["task"] == "train"]
-        clients: dict[str, list[dict]] = {}
-        for store in stores:
-            for line in read_timeline(store):
-                clients.setdefault(line["group"], []).append(line)
+        clients = client_rounds(stores)
         parts = [round_breakdown(h, clients.get(str(h["server_round"]), [])) for h in rounds]
 
     def median(values: list[float]) -> float:

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import psutil
 
-from client.round_timeline import read_timeline
 from common.config import RunConfig
 from common.english_base import default_cache_dir
 from simulations.pretrain import pretrained_base
-from simulations.round_timeline import round_breakdown
+from simulations.round_timeline import client_rounds, round_breakdown
 from simulations.runner import clear_run, federate, fill_stores
 from simulations.world import World, WorldConfig
 
@@ -92,10 +91,7 @@ def run_size(clients: int, comparisons: int, rounds: int, base: Path, work: Path
     with peak_tree_memory(peak):
         federate(config, overrides, run_dir, clients, timeout=3600)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lines: dict[str, list[dict]] = {}
-    for store in stores:
-        for line in read_timeline(store):
-            lines.setdefault(line["group"], []).append(line)
+    lines = client_rounds(stores)
     train = [h for h in history if h["task"] == "train"]
     parts = [round_breakdown(h, lines.get(str(h["server_round"]), [])) for h in train]
     steady = parts[1:] or parts
@@ -107,7 +103,7 @@ def run_size(clients: int, comparisons: int, rounds: int, base: Path, work: Path
             k: statistics.median(p[k] for p in steady)
             for k in ("round", "train", "secagg", "waiting")
         },
-        "secagg": train[-1]["secagg"],
+        "share_graph": train[-1]["secagg"],
         "down": max(h["bytes_down_per_client"] for h in train),
         "up": max(h["bytes_up_per_client"] for h in train),
         "adapter": train[-1]["adapter_bytes"],
@@ -155,7 +151,7 @@ def main() -> None:
         "| B down / up per client (x adapter) | peak RSS"
     )
     for r in results:
-        graph = r["secagg"]
+        graph = r["share_graph"]
         print(
             f"{r['clients']:7d} | {r['round']:7.1f} | = {r['train']:5.1f} + {r['secagg']:5.1f} + "
             f"{r['waiting']:5.1f}        | {r['first_round']:11.1f} | "

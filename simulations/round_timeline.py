@@ -25,7 +25,7 @@ TRAINING_STAGES = ("secagg:collect_masked_vectors", "train.plain")
 PARTS = ("import", "load", "evaluate", "encode", "plan noise", "measure", "generate", "train")
 
 
-def _client_rounds(stores: Sequence[Path]) -> dict[str, list[dict]]:
+def client_rounds(stores: Sequence[Path]) -> dict[str, list[dict]]:
     """Each client's timeline lines, by server round (Flower's message group id)."""
     by_round: dict[str, list[dict]] = defaultdict(list)
     for store in stores:
@@ -63,7 +63,7 @@ def round_timeline(metrics: Path, stores: Sequence[Path]) -> dict[str, dict]:
     if not metrics.exists():
         return {}
     entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    clients = _client_rounds(stores)
+    clients = client_rounds(stores)
     summary: dict[str, dict] = {}
     for phase in dict.fromkeys(e["phase"] for e in entries):
         rounds = [

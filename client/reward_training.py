@@ -152,9 +152,7 @@ def train_reward_model(
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected,
         )
-        torch_optimizer.attach_step_hook(
-            accountant.get_optimizer_hook_fn(sample_rate=rate, expected_batch_size=expected)
-        )
+        torch_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
         batches = _poisson_batches(dataset, rate, randomness)
         event = DPEvent(dp.noise_multiplier, rate, steps)
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from client.reward_training import DPSettings, finish_training, noise_only_step
-from common.hardware import noise_generator
+from common.dp_randomness import DPOptimizerWithRandomness, dp_randomness
 from common.losses import dpo_loss
 from common.model import EncodedPairs, encode_texts_with_starts
 from common.policy_model import PolicyModel, token_logprobs
@@ -140,12 +139,13 @@ def train_dpo(
     step_optimizer = optimizer
     if dp is not None:
         model = GradSampleModule(policy, loss_reduction="mean")
-        step_optimizer = DPOptimizer(
+        randomness = dp_randomness(dp.secure, policy.device, seed)
+        step_optimizer = DPOptimizerWithRandomness(
             optimizer,
+            randomness=randomness,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(rate * len(batch))),
-            generator=noise_generator(policy.device, seed + 1),
         )
     losses, comparisons = [], 0
     policy.train()
@@ -154,9 +154,7 @@ def train_dpo(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(steps):
                 if dp is not None:
-                    index = torch.nonzero(
-                        torch.rand(len(batch), generator=generator) < rate
-                    ).squeeze(1)
+                    index = randomness.poisson_mask(len(batch), rate).nonzero().squeeze(1)
                 else:
                     index = torch.randperm(len(batch), generator=generator)[:batch_size]
                 step_optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,7 @@ from client.reward_training import DPSettings, OptimizerSettings
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
+from common.dp_randomness import DPRandomness, dp_randomness, randomness_name
 from common.model import RewardModel, score_responses, train_only
 from common.policy_model import POLICY_ADAPTER, PolicyModel, add_policy
 from common.ppo import kl_per_token
@@ -92,8 +93,8 @@ def measure(rollouts: Rollouts, estimator: str) -> Measurement:
     )
 
 
-def poisson_sample(items: list[str], rate: float, generator: torch.Generator) -> list[str]:
-    keep = torch.rand(len(items), generator=generator) < rate
+def poisson_sample(items: list[str], rate: float, randomness: DPRandomness) -> list[str]:
+    keep = randomness.poisson_mask(len(items), rate)
     return [item for item, k in zip(items, keep.tolist(), strict=True) if k]
 
 
@@ -160,7 +161,13 @@ def policy_round(
         stats["epsilon"] = check_budget(
             spent, event, config.privacy.epsilon, config.privacy.delta, config.privacy.accountant
         )
-        charge = store.begin_charge(run_id, instruction.phase, instruction.round, event)
+        charge = store.begin_charge(
+            run_id,
+            instruction.phase,
+            instruction.round,
+            event,
+            randomness_name(config.privacy.secure_noise),
+        )
 
     # DPO does not use the value head: Opacus would wait for its per-sample gradients.
     train_only(policy, POLICY_ADAPTER, ("value_head.",) if pc.objective == "ppo" else ())
@@ -170,9 +177,10 @@ def policy_round(
         settings = PPOSettings.of(pc)
         first = None
         ppo_stats = []
+        prompt_sampling = dp_randomness(dp.secure, torch.device("cpu"), seed) if dp else None
         for iteration in range(pc.iterations):
-            if dp is not None:
-                batch = poisson_sample(prompts, rate, generator)
+            if prompt_sampling is not None:
+                batch = poisson_sample(prompts, rate, prompt_sampling)
             else:
                 pick = torch.randperm(len(prompts), generator=generator)[: pc.batch_size]
                 batch = [prompts[i] for i in pick.tolist()]
@@ -274,6 +282,6 @@ def _plan_noise(
         )
     except BudgetExceeded as exc:
         raise BudgetExceeded(f"declining policy round {instruction.round}: {exc}") from None
-    dp = DPSettings(per_unit * math.sqrt(repeats), pc.max_grad_norm)
+    dp = DPSettings(per_unit * math.sqrt(repeats), pc.max_grad_norm, config.privacy.secure_noise)
     # Per PPO iteration dp_event_per_iteration(dp, rate, ppo_epochs) has noise per_unit.
     return dp, DPEvent(per_unit, rate, pc.iterations)

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from client.reward_training import DPSettings, finish_training, noise_only_step
 from common.chat_format import prompt_token_ids
 from common.config import PolicyConfig
-from common.hardware import noise_generator
+from common.dp_randomness import DPOptimizerWithRandomness, dp_randomness
 from common.policy_model import PolicyModel, token_logprobs
 from common.ppo import (
     clipped_policy_loss,
@@ -246,14 +245,14 @@ def ppo_update(
         if expected_batch_size is None:
             raise ValueError("DP PPO needs the expected batch size of its Poisson sample")
         model = GradSampleModule(policy, loss_reduction="mean")
-        step_optimizer = DPOptimizer(
+        step_optimizer = DPOptimizerWithRandomness(
             optimizer,
+            randomness=dp_randomness(dp.secure, policy.device, seed),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(expected_batch_size / settings.minibatches)),
-            generator=noise_generator(policy.device, seed),
         )
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(seed + 2)  # dp_randomness uses seed, seed + 1
     losses: dict[str, list[float]] = {k: [] for k in ("policy", "value", "clip", "akl", "ent")}
     steps, early_stopped = 0, False
     policy.train()

@@ -22,6 +22,7 @@ from client.reward_training import DPSettings, OptimizerSettings, train_reward_m
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
+from common.dp_randomness import randomness_name
 from common.hardware import model_device
 from common.losses import bradley_terry_loss
 from common.model import (
@@ -139,8 +140,14 @@ def reward_round(
             stats["epsilon"] = check_budget(
                 spent, event, config.reward_epsilon, config.privacy.delta, config.privacy.accountant
             )
-        charge = store.begin_charge(run_id, instruction.phase, instruction.round, event)
-        dp = DPSettings(noise, config.privacy.max_grad_norm)
+        charge = store.begin_charge(
+            run_id,
+            instruction.phase,
+            instruction.round,
+            event,
+            randomness_name(config.privacy.secure_noise),
+        )
+        dp = DPSettings(noise, config.privacy.max_grad_norm, config.privacy.secure_noise)
 
     with timed("train"):
         result = train_reward_model(

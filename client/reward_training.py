@@ -13,21 +13,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule, PrivacyEngine
+from opacus import GradSampleModule
 from opacus.accountants import IAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import PolicyConfig, RewardConfig
-from common.hardware import noise_generator
+from common.dp_randomness import DPOptimizerWithRandomness, DPRandomness, dp_randomness
 from common.losses import bradley_terry_loss
 from common.model import EncodedPairs, RewardModel
-from common.privacy import DPEvent
+from common.privacy import DPEvent, planned_steps
 
 
 @dataclass(frozen=True)
 class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
+    secure: bool = True
+    """Draw the Poisson sample and the noise from a CSPRNG (``privacy.secure-noise``);
+    ``False`` for reproducible simulations and tests (:mod:`common.dp_randomness`)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
     while True:
         yield from loader
+
+
+def _poisson_batches(
+    dataset: TensorDataset, rate: float, randomness: DPRandomness
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Each comparison independently with ``rate``; a batch may be empty."""
+    while True:
+        yield dataset[randomness.poisson_mask(len(dataset), rate).nonzero().squeeze(1)]
 
 
 def _pair_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -115,37 +126,41 @@ def train_reward_model(
     dataset = TensorDataset(
         pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids, pairs.rejected_mask
     )
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset, batch_size=min(batch_size, len(pairs)), shuffle=dp is None, generator=generator
-    )
 
     model.train()  # Opacus captures activations only in training mode
     trained: torch.nn.Module = model
     event = None
-    if dp is not None:
+    if dp is None:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(
+            dataset, batch_size=min(batch_size, len(pairs)), shuffle=True, generator=generator
+        )
+        batches = _batches(loader)
+    else:
         if accountant is None:
             raise ValueError("DP training needs the client's accountant")
-        engine = PrivacyEngine()
-        engine.accountant = accountant
-        trained, torch_optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=torch_optimizer,
-            data_loader=loader,
+        # What Opacus's make_private does, with the sample and the noise drawn from
+        # ``randomness`` (secure or seeded).
+        rate, _ = planned_steps(len(pairs), batch_size, 1.0)
+        expected = max(1, int(len(pairs) * rate))
+        randomness = dp_randomness(dp.secure, model.device, seed)
+        trained = GradSampleModule(model, loss_reduction="mean")
+        torch_optimizer = DPOptimizerWithRandomness(
+            torch_optimizer,
+            randomness=randomness,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-            noise_generator=noise_generator(model.device, seed + 1),
+            expected_batch_size=expected,
         )
-        event = DPEvent(dp.noise_multiplier, loader.sample_rate, steps)
+        torch_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
+        batches = _poisson_batches(dataset, rate, randomness)
+        event = DPEvent(dp.noise_multiplier, rate, steps)
 
     losses: list[float] = []
     try:
         with warnings.catch_warnings():
             # Opacus's hooks on a frozen base warn once per step; harmless here.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            batches = _batches(loader)
             for _ in range(steps):
                 batch = next(batches)
                 torch_optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from common.privacy import DPEvent
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_MIGRATIONS = {
+    # 1 -> 2: the ledger says where each DP run's randomness came from; every run
+    # before version 2 used torch's seeded generators.
+    1: "ALTER TABLE privacy_ledger ADD COLUMN randomness TEXT NOT NULL DEFAULT 'seeded'"
+    " CHECK (randomness IN ('seeded', 'secure'))",
+}
 SOURCES = ("human", "import", "simulated", "ai_judge")
 
 _SCHEMA = f"""
@@ -61,7 +67,8 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     steps INTEGER NOT NULL CHECK (steps >= 0),
     status TEXT NOT NULL CHECK (status IN ('pending', 'committed')),
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    randomness TEXT NOT NULL DEFAULT 'seeded' CHECK (randomness IN ('seeded', 'secure'))
 );
 CREATE TABLE IF NOT EXISTS label_pairs (
     id INTEGER PRIMARY KEY,
@@ -134,6 +141,8 @@ class LedgerEntry:
     round: int
     event: DPEvent
     status: str
+    randomness: str
+    """``secure`` or ``seeded``: where the run's noise and sampling came from."""
 
 
 def content_hash(*parts: str) -> str:
@@ -177,13 +186,25 @@ class PreferenceStore:
                         "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),),
                     )
-                elif int(row["value"]) != SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.path}: schema version {row['value']}, this fedrlhf reads {SCHEMA_VERSION}"
-                    )
+                else:
+                    self._migrate(int(row["value"]))
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise StoreError(f"{self.path}: not a fedrlhf store ({exc})") from exc
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older store up to :data:`SCHEMA_VERSION`, in the open transaction."""
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version}, this fedrlhf reads {SCHEMA_VERSION}"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        for step in range(version, SCHEMA_VERSION):
+            self._conn.execute(_MIGRATIONS[step])
+        self._conn.execute(
+            "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+        )
 
     def close(self) -> None:
         self._conn.close()
@@ -322,8 +343,12 @@ class PreferenceStore:
 
     # -- privacy ledger ---------------------------------------------------------------
 
-    def begin_charge(self, run_id: str, phase: str, round_: int, event: DPEvent) -> int:
+    def begin_charge(
+        self, run_id: str, phase: str, round_: int, event: DPEvent, randomness: str
+    ) -> int:
         """Record a DP run *before* it starts, charged in full until :meth:`commit_charge`.
+
+        ``randomness`` is ``secure`` or ``seeded`` (:mod:`common.dp_randomness`).
 
         A client that dies mid-training keeps this pending entry, so the ledger never
         counts less than was spent.
@@ -331,7 +356,8 @@ class PreferenceStore:
         with self.transaction():
             cursor = self._conn.execute(
                 "INSERT INTO privacy_ledger(run_id, phase, round, noise_multiplier, sample_rate,"
-                " steps, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                " steps, status, created_at, updated_at, randomness)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
                 (
                     run_id,
                     phase,
@@ -341,6 +367,7 @@ class PreferenceStore:
                     event.steps,
                     _now(),
                     _now(),
+                    randomness,
                 ),
             )
             return int(cursor.lastrowid)
@@ -372,6 +399,7 @@ class PreferenceStore:
                 round=r["round"],
                 event=DPEvent(r["noise_multiplier"], r["sample_rate"], r["steps"]),
                 status=r["status"],
+                randomness=r["randomness"],
             )
             for r in rows
         ]

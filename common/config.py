@@ -200,6 +200,10 @@ class PrivacyConfig:
     the policy phase then plans its rounds to use what composition leaves of epsilon."""
     accountant: str = "rdp"
     """``rdp`` or ``prv`` (Opacus accountants)."""
+    secure_noise: bool = True
+    """Draw DP-SGD's Poisson samples and Gaussian noise from a cryptographically secure
+    generator (:mod:`common.dp_randomness`). The simulation and the tests turn it off
+    for reproducible runs; their reports say so."""
 
 
 @dataclass(frozen=True)

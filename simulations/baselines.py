@@ -152,7 +152,7 @@ def train_dp_central(
         steps=steps,
         batch_size=config.reward.batch_size,
         optimizer=OptimizerSettings.of(config.reward),
-        dp=DPSettings(sigma, privacy.max_grad_norm),
+        dp=DPSettings(sigma, privacy.max_grad_norm, privacy.secure_noise),
         accountant=accountant_for([], privacy.accountant),
         seed=seed,
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 from client.store import PreferenceStore
 from common.config import RunConfig
+from common.dp_randomness import randomness_name
 from common.model import build_reward_model, load_base
 from common.privacy import epsilon
 from server.checkpoints import RunDirectory
@@ -72,6 +73,7 @@ def build_report(
         "epsilon_budget": config.privacy.epsilon,
         "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
+        "dp_randomness": randomness_name(config.privacy.secure_noise),
     }
     privacy_checks = {
         "epsilon <= budget for every client": (not config.privacy.enabled)

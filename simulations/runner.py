@@ -310,6 +310,8 @@ def run_simulation(options: SimulationOptions) -> dict:
         base = scenario.base(options.overrides)
     stores_dir = run_dir / "stores"
     overrides = {
+        # Seeded DP noise unless asked otherwise: a simulation is for reproducible figures.
+        "privacy.secure-noise": False,
         **options.overrides,
         "run-dir": str(run_dir),
         "model.base": base,
@@ -384,6 +386,8 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         f"epsilon per client (max / median), {dp}{sa}",
         f"{max(eps):.3f} / {statistics.median(eps):.3f}",
     )
+    if report["dp"]:
+        table.add_row("DP noise and sampling", report["dp_randomness"])
     steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in report["step_seconds"].items())
     table.add_row("wall time (s)", f"{report['seconds']:.0f}: {steps}")
     for phase, line in report["round_timeline"].items():

@@ -171,6 +171,8 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
         # trained too, and counts (its charge pending if the client was cut off).
         assert statuses[:ROUNDS] == ["committed"] * ROUNDS and len(statuses) <= ROUNDS + 2
         assert ledger[-1].phase == "policy" and statuses[-1] == "committed"
+        # privacy.secure-noise is on by default: every DP run drew from the CSPRNG.
+        assert {e.randomness for e in ledger} == {"secure"}
         assert 0 < spent <= 8.0
     # Model loads: Flower 1.41 starts a fresh ClientApp process per message, so a node
     # loads the base once for each round message that reaches the round logic (the

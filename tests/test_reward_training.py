@@ -142,3 +142,28 @@ def test_non_dp_training_claims_no_privacy(model_and_tokenizer):
         dp=None,
     )
     assert result.event is None and result.steps == 3
+
+
+def test_seeded_dp_runs_repeat_and_secure_ones_never_do(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    pairs = toy_pairs(tokenizer, 16, seed=5)
+    start = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+
+    def run(secure: bool) -> dict[str, torch.Tensor]:
+        model.load_trainable_state(start)
+        train_reward_model(
+            model,
+            pairs,
+            steps=3,
+            batch_size=4,
+            optimizer=OptimizerSettings("sgd", 0.1),
+            dp=DPSettings(1.0, 1.0, secure=secure),
+            accountant=accountant_for([]),
+            seed=7,
+        )
+        return {k: v.detach().clone() for k, v in model.trainable_state().items()}
+
+    seeded, secure = [run(False), run(False)], [run(True), run(True)]
+    assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in start)
+    assert all(not torch.equal(secure[0][k], secure[1][k]) for k in start)
+    assert all(not torch.equal(secure[0][k], start[k]) for k in start)

@@ -65,6 +65,8 @@ def run_config(tiny_base_dir, run_dir, **overrides) -> dict:
             # In process every reply is there as soon as its message is pushed, so the
             # timeout is only ever waited out by a node that drops.
             "federation.round-timeout": 5.0,
+            # Reproducible noise: resumed and uninterrupted runs must end identical.
+            "privacy.secure-noise": False,
             **overrides,
         }
     )

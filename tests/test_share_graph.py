@@ -112,6 +112,8 @@ def sparse_run(tiny_base_dir, tmp_path, name, drop=lambda node, message: False, 
                 "federation.min-clients": 3,
                 # Replies come back as they are pushed in process; only a dropout waits.
                 "federation.round-timeout": 5.0,
+                # Seeded noise: the SecAgg+ and the plain round must train alike.
+                "privacy.secure-noise": False,
                 **overrides,
             }
         )

@@ -31,12 +31,12 @@ from client.ppo_training import (
     generate_rollouts,
     ppo_update,
 )
-from client.reward_round import cached_reward_model, round_seed
+from client.reward_round import begin_round_charge, cached_reward_model, round_seed
 from client.reward_training import DPSettings, OptimizerSettings
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
-from common.dp_randomness import DPRandomness, dp_randomness, randomness_name
+from common.dp_randomness import DPRandomness, dp_randomness
 from common.model import RewardModel, score_responses, train_only
 from common.policy_model import POLICY_ADAPTER, PolicyModel, add_policy
 from common.ppo import kl_per_token
@@ -161,13 +161,7 @@ def policy_round(
         stats["epsilon"] = check_budget(
             spent, event, config.privacy.epsilon, config.privacy.delta, config.privacy.accountant
         )
-        charge = store.begin_charge(
-            run_id,
-            instruction.phase,
-            instruction.round,
-            event,
-            randomness_name(config.privacy.secure_noise),
-        )
+        charge = begin_round_charge(store, run_id, instruction, event, config)
 
     # DPO does not use the value head: Opacus would wait for its per-sample gradients.
     train_only(policy, POLICY_ADAPTER, ("value_head.",) if pc.objective == "ppo" else ())

@@ -140,13 +140,7 @@ def reward_round(
             stats["epsilon"] = check_budget(
                 spent, event, config.reward_epsilon, config.privacy.delta, config.privacy.accountant
             )
-        charge = store.begin_charge(
-            run_id,
-            instruction.phase,
-            instruction.round,
-            event,
-            randomness_name(config.privacy.secure_noise),
-        )
+        charge = begin_round_charge(store, run_id, instruction, event, config)
         dp = DPSettings(noise, config.privacy.max_grad_norm, config.privacy.secure_noise)
 
     with timed("train"):
@@ -181,6 +175,23 @@ def reward_round(
     )
     return pack_update(
         update, spec, REWARD_STATS.encode(stats), config.federation.secagg_clipping_range
+    )
+
+
+def begin_round_charge(
+    store: PreferenceStore,
+    run_id: str,
+    instruction: RoundInstruction,
+    event: DPEvent,
+    config: RunConfig,
+) -> int:
+    """Charge a round's DP run to the ledger before it trains, with its randomness."""
+    return store.begin_charge(
+        run_id,
+        instruction.phase,
+        instruction.round,
+        event,
+        randomness_name(config.privacy.secure_noise),
     )
 
 

@@ -31,7 +31,11 @@ import psutil
 
 from common.config import RunConfig
 from common.english_base import default_cache_dir
+from common.model import load_base
+from server.checkpoints import RunDirectory
+from simulations.baselines import build_test_set
 from simulations.pretrain import pretrained_base
+from simulations.report import round_accuracies
 from simulations.round_timeline import client_rounds, round_breakdown
 from simulations.runner import clear_run, federate, fill_stores
 from simulations.world import World, WorldConfig
@@ -107,9 +111,18 @@ def run_size(clients: int, comparisons: int, rounds: int, base: Path, work: Path
         "down": max(h["bytes_down_per_client"] for h in train),
         "up": max(h["bytes_up_per_client"] for h in train),
         "adapter": train[-1]["adapter_bytes"],
-        "accuracy": history[-1]["fed_eval_accuracy"],
+        "accuracy": final_test_accuracy(config, world, run_dir),
         "peak_memory": peak[0],
     }
+
+
+def final_test_accuracy(config: RunConfig, world: World, run_dir: Path) -> float:
+    """The final reward model scored on the world's test pairs (the federation's own
+    held-out figure is DP-noised, and too rough at 100 pairs a client)."""
+    _, tokenizer = load_base(config.model.base)
+    test = build_test_set(world, tokenizer, config.model.max_length)
+    accuracies = round_accuracies(config, RunDirectory(run_dir), test)
+    return accuracies[max(accuracies)]
 
 
 def main() -> None:

@@ -1,23 +1,21 @@
-"""One client's part in a policy round: measure, budget, train the policy with DP, report.
+"""One client's part in a policy round: budget, measure, train the policy with DP, report.
 
 Given the global policy adapter + value head, the frozen global reward model and
 the KL coefficient beta, the client (1) plans the noise that keeps its whole run
-within its epsilon budget, or declines, (2) records the charge in its ledger
-*before* training, (3) runs ``policy.iterations`` PPO iterations on Poisson samples
-of its prompts (or DPO steps on its comparisons), (4) measures the updated policy's
-KL to the reference on fresh samples, and (5) returns the update (new - global) with
-the whitelisted statistics, both to be masked by SecAgg+.
-
-The statistics (reward score, KL before and after, entropy, ...) are computed on
-local prompts and are not DP-noised; SecAgg+ hides each client's values, the server
-reads only their mean over the round's survivors.
+within its epsilon budget, or declines, (2) charges the round's two mechanisms to its
+ledger *before* they run: the DP-SGD training and the statistics release, (3) samples
+the prompts it measures (Poisson) and measures the incoming policy on them, (4) runs
+``policy.iterations`` PPO iterations on Poisson samples of its prompts (or DPO steps on
+its comparisons), (5) measures the updated policy on the same prompts, and (6) returns
+the update (new - global) and the noised statistics (:mod:`common.dp_statistics`),
+both to be masked by SecAgg+. Training diagnostics (losses, entropy, clip fraction)
+stay in the client's log: they could not be made DP cheaply, so they are not sent.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -31,24 +29,27 @@ from client.ppo_training import (
     generate_rollouts,
     ppo_update,
 )
-from client.reward_round import begin_round_charge, cached_reward_model, round_seed
+from client.privacy_charges import Mechanism, begin_charges
+from client.reward_round import cached_reward_model, last_training_noise, round_seed
 from client.reward_training import DPSettings, OptimizerSettings
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
 from common.dp_randomness import DPRandomness, dp_randomness
+from common.dp_statistics import (
+    STATISTICS,
+    clipped_sums,
+    future_statistics,
+    measurement_rate,
+    noised,
+    statistics_event,
+)
 from common.model import RewardModel, score_responses, train_only
 from common.policy_model import POLICY_ADAPTER, PolicyModel, add_policy
 from common.ppo import kl_per_token
-from common.privacy import (
-    BudgetExceeded,
-    DPEvent,
-    calibrate_noise_multiplier,
-    check_budget,
-    epsilon,
-)
+from common.privacy import BudgetExceeded, DPEvent, calibrate_noise_multiplier, epsilon
 from common.protocol import RoundInstruction
-from common.wire import MAX_COUNT, POLICY_STATS, TensorSpec, from_ndarrays, pack_update, spec_of
+from common.wire import POLICY_STATS, TensorSpec, from_ndarrays, pack_update, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +70,22 @@ def round_specs(
     return spec_of(policy.trainable_state()), spec_of(reward.trainable_state())
 
 
-@dataclass(frozen=True)
-class Measurement:
-    score: float
-    """Mean reward-model score of the samples."""
-    kl: float
-    """Mean over samples of the summed per-token KL to the reference."""
-    ended: float
-    """Share of samples that ended with EOS within max-new-tokens."""
-
-
-def measure(rollouts: Rollouts, estimator: str) -> Measurement:
-    """Score, KL and EOS share of a batch of samples. The KL is capped where its
-    masked statistic saturates: past it the trust region only needs to know "too far"."""
-    if len(rollouts) == 0:
-        return Measurement(0.0, 0.0, 0.0)
+def per_sample_kl(rollouts: Rollouts, estimator: str) -> torch.Tensor:
+    """Each response's KL to the reference, summed over its tokens."""
     kl = kl_per_token(rollouts.logp_old, rollouts.logp_ref, estimator) * rollouts.response_mask
-    score_cap = dict(POLICY_STATS.fields)["score"]
-    return Measurement(
-        float(rollouts.scores.mean().clamp(-score_cap, score_cap)),
-        min(float(kl.sum(dim=1).mean()), dict(POLICY_STATS.fields)["kl"]),
-        float(rollouts.ended.float().mean()),
-    )
+    return kl.sum(dim=1)
+
+
+def measurement_rows(before: Rollouts, after: Rollouts | None, estimator: str) -> np.ndarray:
+    """One row per measured prompt, in :data:`POLICY_STATS` order: (1, the incoming
+    policy's score, its KL, the updated policy's KL on the same prompt, whether the
+    incoming policy's response ended)."""
+    kl_before = per_sample_kl(before, estimator)
+    kl_after = per_sample_kl(after, estimator) if after is not None else torch.zeros_like(kl_before)
+    if after is not None and after.prompts != before.prompts:
+        raise AssertionError("the two measurements must be on the same prompts")
+    columns = [torch.ones_like(kl_before), before.scores, kl_before, kl_after, before.ended]
+    return torch.stack([c.double().cpu() for c in columns], dim=1).numpy()
 
 
 def poisson_sample(items: list[str], rate: float, randomness: DPRandomness) -> list[str]:
@@ -121,47 +116,65 @@ def policy_round(
         raise ValueError(f"{where}: the store {store.path} holds no prompts")
     sampling = SamplingSettings.of(pc)
     seed = round_seed(instruction, store)
-    generator = torch.Generator().manual_seed(seed)
+    secure = config.privacy.secure_noise
+    # The measured prompts and the statistics' noise: one stream of their own.
+    statistics_randomness = dp_randomness(
+        secure, torch.device("cpu"), round_seed(instruction, store, STATISTICS)
+    )
+    measured = poisson_sample(
+        prompts, measurement_rate(config, len(prompts)), statistics_randomness
+    )
 
     def score_fn(prompt_texts, responses):  # noqa: ANN001, ANN202
         return score_responses(reward, tokenizer, prompt_texts, responses, config.model.max_length)
 
-    def sample_measurement(offset: int) -> Measurement:
-        # A fixed-size sample of local prompts, for statistics only (not trained on).
-        pick = torch.randperm(len(prompts), generator=generator)[: pc.batch_size].tolist()
+    def measure(generation_seed: int) -> Rollouts | None:
+        if not measured:
+            return None
         with timed("measure"):
-            rollouts = generate_rollouts(
-                policy, tokenizer, [prompts[i] for i in pick], score_fn, sampling, seed + offset
+            return generate_rollouts(
+                policy, tokenizer, measured, score_fn, sampling, generation_seed
             )
-            return measure(rollouts, pc.kl_estimator)
 
     spent = store.privacy_events()
-    stats = dict.fromkeys(POLICY_STATS.names, 0.0)
-    stats["epsilon"] = epsilon(spent, config.privacy.delta, config.privacy.accountant)
+    mechanisms: list[Mechanism] = []
+    stats_event = None
+    if config.privacy.enabled:
+        stats_event = statistics_event(config, instruction, len(prompts))
+        mechanisms.append(Mechanism(stats_event, STATISTICS, "prompt"))
+
     if instruction.task == "evaluate":
-        before = sample_measurement(0)
-        stats.update(score=before.score, kl=before.kl, kl_after=before.kl, ended=before.ended)
-        return pack_update(
-            {}, [], POLICY_STATS.encode(stats), config.federation.secagg_clipping_range
+        charges, after_eps = (
+            begin_charges(store, run_id, instruction, config, mechanisms)
+            if mechanisms
+            else ([], 0.0)
         )
+        before = measure(round_seed(instruction, store, "measure before"))
+        rows = measurement_rows(before, None, pc.kl_estimator) if before else None
+        stats = _statistics(store, rows, stats_event, statistics_randomness, charges)
+        return pack_update({}, [], stats, config.federation.secagg_clipping_range)
 
     if pc.objective == "ppo":
-        units = len(prompts)
+        units, unit = len(prompts), "prompt"
     else:
         comparisons = store.comparisons("train", config.reward.heldout_fraction)
         if not comparisons:
             raise ValueError(f"{where}: the store {store.path} holds no training comparisons")
-        units = len(comparisons)
+        units, unit = len(comparisons), "comparison"
     rate = min(1.0, pc.batch_size / units)
 
-    dp, charge = None, None
+    dp = None
     if config.privacy.enabled:
         with timed("plan noise"):
-            dp, event = _plan_noise(config, spent, rate, store, instruction)
-        stats["epsilon"] = check_budget(
-            spent, event, config.privacy.epsilon, config.privacy.delta, config.privacy.accountant
-        )
-        charge = begin_round_charge(store, run_id, instruction, event, config)
+            coming = future_statistics(config, instruction, len(prompts))
+            dp, event = _plan_noise(config, [*spent, *coming], rate, store, instruction)
+        mechanisms.insert(0, Mechanism(event, "training", unit))
+    charges, epsilon_after = (
+        begin_charges(store, run_id, instruction, config, mechanisms)
+        if mechanisms
+        else ([], epsilon(spent, config.privacy.delta, config.privacy.accountant))
+    )
+    before = measure(round_seed(instruction, store, "measure before"))
 
     # DPO does not use the value head: Opacus would wait for its per-sample gradients.
     train_only(policy, POLICY_ADAPTER, ("value_head.",) if pc.objective == "ppo" else ())
@@ -169,9 +182,9 @@ def policy_round(
     optimizer = OptimizerSettings.of(pc).build(params)
     if pc.objective == "ppo":
         settings = PPOSettings.of(pc)
-        first = None
         ppo_stats = []
         prompt_sampling = dp_randomness(dp.secure, torch.device("cpu"), seed) if dp else None
+        generator = torch.Generator().manual_seed(seed)
         for iteration in range(pc.iterations):
             if prompt_sampling is not None:
                 batch = poisson_sample(prompts, rate, prompt_sampling)
@@ -182,8 +195,6 @@ def policy_round(
                 rollouts = generate_rollouts(
                     policy, tokenizer, batch, score_fn, sampling, seed + 1 + iteration
                 )
-            if first is None and len(rollouts):
-                first = measure(rollouts, pc.kl_estimator)
             with timed("train"):
                 ppo_stats.append(
                     ppo_update(
@@ -197,18 +208,12 @@ def policy_round(
                         seed=seed + 101 + iteration,
                     )  # fmt: skip
                 )
-        before = first or sample_measurement(1000)
-        stats.update(
-            samples=float(min(MAX_COUNT, sum(s.rollouts for s in ppo_stats))),
-            entropy=float(np.mean([s.entropy for s in ppo_stats])),
-            policy_loss=float(np.mean([s.policy_loss for s in ppo_stats])),
-            value_loss=float(np.mean([s.value_loss for s in ppo_stats])),
-            clip_fraction=float(np.mean([s.clip_fraction for s in ppo_stats])),
-            approx_kl=float(np.mean([s.approx_kl for s in ppo_stats])),
+        loss_text = (
+            f"policy loss {np.mean([s.policy_loss for s in ppo_stats]):.4f}, "
+            f"entropy {np.mean([s.entropy for s in ppo_stats]):.3f}, "
+            f"clip fraction {np.mean([s.clip_fraction for s in ppo_stats]):.3f}"
         )
-        loss_text = f"policy loss {stats['policy_loss']:.4f}"
     else:
-        before = sample_measurement(1000)
         batch = encode_dpo_batch(
             tokenizer,
             [c.prompt for c in comparisons],
@@ -221,28 +226,39 @@ def policy_round(
                 policy, batch, steps=pc.iterations, batch_size=pc.batch_size,
                 beta=instruction.beta, optimizer=optimizer, dp=dp, seed=seed + 101,
             )  # fmt: skip
-        stats.update(policy_loss=dpo.mean_loss, samples=float(min(MAX_COUNT, dpo.comparisons)))
         loss_text = f"DPO loss {dpo.mean_loss:.4f}"
-    if charge is not None:
-        store.commit_charge(charge, pc.iterations)
-    after = sample_measurement(2000)
-    stats.update(
-        score=before.score,
-        kl=before.kl,
-        kl_after=after.kl,
-        ended=before.ended,
-        iterations=float(pc.iterations),
-    )
-    log.info(
-        "%s: policy round %d (%s, beta %.4f): score %.3f, KL %.3f -> %.3f, %s, epsilon %.3f%s",
-        where, instruction.round, pc.objective, instruction.beta, before.score, before.kl,
-        after.kl, loss_text, stats["epsilon"], "" if dp else " (DP OFF)",
-    )  # fmt: skip
+    if dp is not None:
+        store.commit_charge(charges.pop(0), pc.iterations)
+    after = measure(round_seed(instruction, store, "measure after"))
+    rows = measurement_rows(before, after, pc.kl_estimator) if before else None
+    if rows is not None:  # the exact local figures, for this client's log only
+        score, kl, kl_after = rows[:, 1].mean(), rows[:, 2].mean(), rows[:, 3].mean()
+        log.info(
+            "%s: policy round %d (%s, beta %.4f): score %.3f, KL %.3f -> %.3f, %s, epsilon %.3f%s",
+            where, instruction.round, pc.objective, instruction.beta, score, kl, kl_after,
+            loss_text, epsilon_after, "" if dp else " (DP OFF)",
+        )  # fmt: skip
     new_state = policy.trainable_state()
     update = {name: new_state[name].detach().cpu() - global_policy[name] for name in global_policy}
-    return pack_update(
-        update, policy_spec, POLICY_STATS.encode(stats), config.federation.secagg_clipping_range
-    )
+    stats = _statistics(store, rows, stats_event, statistics_randomness, charges)
+    return pack_update(update, policy_spec, stats, config.federation.secagg_clipping_range)
+
+
+def _statistics(
+    store: PreferenceStore,
+    rows: np.ndarray | None,
+    event: DPEvent | None,
+    randomness: DPRandomness,
+    charges: list[int],
+) -> np.ndarray:
+    """The reply's stats array: the measured rows' clipped sums, noised for the charged
+    statistics ``event`` (None when DP is off)."""
+    empty = np.zeros((0, len(POLICY_STATS.fields)))
+    sums = clipped_sums(empty if rows is None else rows, POLICY_STATS)
+    if event is not None:
+        sums = noised(sums, POLICY_STATS, event.noise_multiplier, randomness)
+        store.commit_charge(charges.pop(0), 1)
+    return POLICY_STATS.encode(sums)
 
 
 def _plan_noise(
@@ -260,10 +276,7 @@ def _plan_noise(
     """
     pc: PolicyConfig = config.policy
     repeats = pc.ppo_epochs if pc.objective == "ppo" else 1
-    ledger = store.ledger()
-    previous = (
-        ledger[-1].event.noise_multiplier if ledger and ledger[-1].phase == "policy" else None
-    )
+    previous = last_training_noise(store, "policy")
     remaining = instruction.rounds - instruction.round + 1
     try:
         per_unit = calibrate_noise_multiplier(

@@ -1,10 +1,11 @@
-"""One client's part in a reward round: evaluate, budget, train with DP, report.
+"""One client's part in a reward round: budget, train with DP, send the update.
 
-Given the global adapter + head, the client (1) evaluates them on its held-out
-comparisons, (2) picks the noise multiplier that keeps its whole planned run within
-its epsilon budget, or declines, (3) records the charge in its ledger *before*
-training, (4) trains with DP-SGD, and (5) returns the update (new - global) and the
-whitelisted statistics, both to be masked by SecAgg+.
+Given the global adapter + head, the client (1) picks the noise multiplier that keeps
+its whole planned run within its epsilon budget (the statistics still to be released
+counted in), or declines, (2) charges the run to its ledger *before* training, (3)
+trains with DP-SGD, and (4) returns the update (new - global), to be masked by SecAgg+.
+A training round sends nothing else. The phase's final evaluation sends the held-out
+figures of the final model instead, noised and charged (:mod:`common.dp_statistics`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from client.privacy_charges import Mechanism, begin_charges
 from client.reward_training import DPSettings, OptimizerSettings, train_reward_model
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
-from common.dp_randomness import randomness_name
+from common.dp_randomness import dp_randomness
+from common.dp_statistics import (
+    STATISTICS,
+    clipped_sums,
+    future_statistics,
+    noised,
+    statistics_event,
+)
 from common.hardware import model_device
-from common.losses import bradley_terry_loss
 from common.model import (
     REWARD_ADAPTER,
     RewardModel,
@@ -39,12 +48,11 @@ from common.privacy import (
     DPEvent,
     accountant_for,
     calibrate_noise_multiplier,
-    check_budget,
     epsilon,
     planned_steps,
 )
 from common.protocol import RoundInstruction
-from common.wire import MAX_COUNT, REWARD_STATS, TensorSpec, from_ndarrays, pack_update, spec_of
+from common.wire import REWARD_STATS, TensorSpec, from_ndarrays, pack_update, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +88,15 @@ def _encode(tokenizer, comparisons, max_length: int):
     )
 
 
-def _evaluate(model: RewardModel, tokenizer, comparisons, max_length: int) -> dict[str, float]:
-    comparisons = comparisons[: int(MAX_COUNT)]
+def evaluation_rows(model: RewardModel, tokenizer, comparisons, max_length: int) -> np.ndarray:
+    """One row per held-out comparison: (1, whether the model ranks it right, its
+    Bradley-Terry loss), in :data:`REWARD_STATS` order."""
     if not comparisons:
-        return {"eval_pairs": 0.0, "eval_correct": 0.0, "eval_loss_sum": 0.0}
-    margins = score_pairs(model, _encode(tokenizer, comparisons, max_length))
-    loss = bradley_terry_loss(margins, torch.zeros_like(margins)) * len(margins)
-    return {
-        "eval_pairs": float(len(margins)),
-        "eval_correct": float((margins > 0).sum()),
-        "eval_loss_sum": float(loss),
-    }
+        return np.zeros((0, len(REWARD_STATS.fields)))
+    margins = score_pairs(model, _encode(tokenizer, comparisons, max_length)).double()
+    return torch.stack(
+        [torch.ones_like(margins), (margins > 0).double(), F.softplus(-margins)], dim=1
+    ).numpy()
 
 
 def reward_round(
@@ -108,18 +114,8 @@ def reward_round(
     global_state = from_ndarrays(global_arrays, spec, where)  # refuses bad names/shapes/NaN
     model.load_trainable_state(global_state)
     train_only(model, REWARD_ADAPTER, ("head.",))
-
-    with timed("evaluate"):
-        held_out = store.comparisons("heldout", config.reward.heldout_fraction)
-        stats = _evaluate(model, tokenizer, held_out, config.model.max_length)
-    stats.update(train_examples=0.0, train_steps=0.0, train_loss=0.0)
-    spent = store.privacy_events()
-    stats["epsilon"] = epsilon(spent, config.privacy.delta, config.privacy.accountant)
-
     if instruction.task == "evaluate":
-        return pack_update(
-            {}, [], REWARD_STATS.encode(stats), config.federation.secagg_clipping_range
-        )
+        return _release_evaluation(config, store, instruction, model, tokenizer, run_id)
 
     with timed("encode"):
         train = store.comparisons("train", config.reward.heldout_fraction)
@@ -129,18 +125,19 @@ def reward_round(
     sample_rate, steps = planned_steps(
         len(pairs), config.reward.batch_size, config.reward.local_epochs
     )
-    seed = round_seed(instruction, store)
-
-    dp = None
-    charge = None
+    spent = store.privacy_events()
+    after = epsilon(spent, config.privacy.delta, config.privacy.accountant)
+    dp, charge = None, None
     if config.privacy.enabled:
         with timed("plan noise"):
-            noise = _noise_multiplier(config, spent, sample_rate, steps, instruction)
-            event = DPEvent(noise, sample_rate, steps)
-            stats["epsilon"] = check_budget(
-                spent, event, config.reward_epsilon, config.privacy.delta, config.privacy.accountant
+            coming = future_statistics(config, instruction, store.counts()["prompts"])
+            noise = _noise_multiplier(
+                config, store, [*spent, *coming], sample_rate, steps, instruction
             )
-        charge = begin_round_charge(store, run_id, instruction, event, config)
+        (charge,), after = begin_charges(
+            store, run_id, instruction, config,
+            [Mechanism(DPEvent(noise, sample_rate, steps), "training", "comparison")],
+        )  # fmt: skip
         dp = DPSettings(noise, config.privacy.max_grad_norm, config.privacy.secure_noise)
 
     with timed("train"):
@@ -152,58 +149,59 @@ def reward_round(
             optimizer=OptimizerSettings.of(config.reward),
             dp=dp,
             accountant=accountant_for(spent, config.privacy.accountant) if dp else None,
-            seed=seed,
+            seed=round_seed(instruction, store),
         )
     if charge is not None:
         store.commit_charge(charge, result.steps)
     log.info(
         "%s: reward round %d trained %d steps on %d comparisons, loss %.4f, epsilon %.3f%s",
-        where,
-        instruction.round,
-        result.steps,
-        len(pairs),
-        result.mean_loss,
-        stats["epsilon"],
+        where, instruction.round, result.steps, len(pairs), result.mean_loss, after,
         "" if dp else " (DP OFF)",
-    )
+    )  # fmt: skip
     new_state = model.trainable_state()
     update = {name: new_state[name].detach().cpu() - global_state[name] for name in global_state}
-    stats.update(
-        train_examples=float(min(len(pairs), MAX_COUNT)),
-        train_steps=float(result.steps),
-        train_loss=result.mean_loss,
-    )
-    return pack_update(
-        update, spec, REWARD_STATS.encode(stats), config.federation.secagg_clipping_range
-    )
+    # A training round sends its update only: its loss and sizes stay here (logged).
+    return pack_update(update, spec, None, config.federation.secagg_clipping_range)
 
 
-def begin_round_charge(
-    store: PreferenceStore,
-    run_id: str,
-    instruction: RoundInstruction,
-    event: DPEvent,
+def _release_evaluation(
     config: RunConfig,
-) -> int:
-    """Charge a round's DP run to the ledger before it trains, with its randomness."""
-    return store.begin_charge(
-        run_id,
-        instruction.phase,
-        instruction.round,
-        event,
-        randomness_name(config.privacy.secure_noise),
-    )
+    store: PreferenceStore,
+    instruction: RoundInstruction,
+    model: RewardModel,
+    tokenizer,  # noqa: ANN001
+    run_id: str,
+) -> list[np.ndarray]:
+    """The final model's figures on the held-out comparisons, noised and charged."""
+    charge = None
+    if config.privacy.enabled:
+        event = statistics_event(config, instruction, store.counts()["prompts"])
+        (charge,), _ = begin_charges(
+            store, run_id, instruction, config, [Mechanism(event, STATISTICS, "comparison")]
+        )
+    with timed("evaluate"):
+        held_out = store.comparisons("heldout", config.reward.heldout_fraction)
+        rows = evaluation_rows(model, tokenizer, held_out, config.model.max_length)
+        sums = clipped_sums(rows, REWARD_STATS)
+    if charge is not None:
+        seed = round_seed(instruction, store, STATISTICS)
+        randomness = dp_randomness(config.privacy.secure_noise, torch.device("cpu"), seed)
+        sums = noised(sums, REWARD_STATS, event.noise_multiplier, randomness)
+        store.commit_charge(charge, 1)
+    return pack_update({}, [], REWARD_STATS.encode(sums), config.federation.secagg_clipping_range)
 
 
-def round_seed(instruction: RoundInstruction, store: PreferenceStore) -> int:
-    """A per-client, per-round seed (run seed, phase, round, attempt, store): reproducible
-    runs, a retried round draws afresh, and no two clients share noise."""
+def round_seed(instruction: RoundInstruction, store: PreferenceStore, purpose: str = "") -> int:
+    """A per-client, per-round seed (run seed, phase, round, attempt, store, purpose):
+    reproducible runs, a retried round draws afresh, no two clients share noise, and
+    each ``purpose`` (e.g. the statistics' noise) draws a stream of its own."""
     parts = (
         instruction.seed,
         instruction.phase,
         instruction.round,
         instruction.attempt,
         store.path.resolve(),
+        *([purpose] if purpose else []),
     )
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**62
@@ -211,23 +209,31 @@ def round_seed(instruction: RoundInstruction, store: PreferenceStore) -> int:
 
 def _noise_multiplier(
     config: RunConfig,
-    spent: list[DPEvent],
+    store: PreferenceStore,
+    committed: list[DPEvent],
     sample_rate: float,
     steps: int,
     instruction: RoundInstruction,
 ) -> float:
-    """Fixed, or calibrated so this round and the remaining planned ones fit the budget."""
+    """Fixed, or calibrated so this round and the remaining planned ones fit the budget
+    after ``committed`` (what was spent, and the statistics still to be released)."""
     if config.privacy.noise == "fixed":
         return config.privacy.noise_multiplier
     remaining = instruction.rounds - instruction.round + 1
     try:
         return calibrate_noise_multiplier(
-            spent,
+            committed,
             [(sample_rate, steps)] * remaining,
             config.reward_epsilon,
             config.privacy.delta,
             config.privacy.accountant,
-            previous=spent[-1].noise_multiplier if spent else None,
+            previous=last_training_noise(store, "reward"),
         )
     except BudgetExceeded as exc:
         raise BudgetExceeded(f"declining reward round {instruction.round}: {exc}") from None
+
+
+def last_training_noise(store: PreferenceStore, phase: str) -> float | None:
+    """The noise multiplier of the phase's last DP-SGD run on this store, if any."""
+    runs = [e for e in store.ledger() if e.mechanism == "training" and e.phase == phase]
+    return runs[-1].event.noise_multiplier if runs else None

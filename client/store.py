@@ -18,12 +18,31 @@ from pathlib import Path
 
 from common.privacy import DPEvent
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+MECHANISMS = ("training", "statistics")
+UNITS = ("comparison", "prompt")
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
 _MIGRATIONS = {
     # 1 -> 2: the ledger says where each DP run's randomness came from; every run
     # before version 2 used torch's seeded generators.
-    1: "ALTER TABLE privacy_ledger ADD COLUMN randomness TEXT NOT NULL DEFAULT 'seeded'"
-    " CHECK (randomness IN ('seeded', 'secure'))",
+    1: (
+        "ALTER TABLE privacy_ledger ADD COLUMN randomness TEXT NOT NULL DEFAULT 'seeded'"
+        " CHECK (randomness IN ('seeded', 'secure'))",
+    ),
+    # 2 -> 3: the ledger names each mechanism and its privacy unit; before version 3
+    # only training was charged, and it is read back as comparison-level (the
+    # conservative reading: a PPO prompt is a smaller unit than its comparisons).
+    2: (
+        "ALTER TABLE privacy_ledger ADD COLUMN mechanism TEXT NOT NULL DEFAULT 'training'"
+        f" CHECK (mechanism IN ({_one_of(MECHANISMS)}))",
+        "ALTER TABLE privacy_ledger ADD COLUMN unit TEXT NOT NULL DEFAULT 'comparison'"
+        f" CHECK (unit IN ({_one_of(UNITS)}))",
+    ),
 }
 SOURCES = ("human", "import", "simulated", "ai_judge")
 
@@ -51,7 +70,7 @@ CREATE TABLE IF NOT EXISTS comparisons (
     chosen_id INTEGER NOT NULL REFERENCES responses(id),
     rejected_id INTEGER NOT NULL REFERENCES responses(id),
     annotator TEXT NOT NULL,
-    source TEXT NOT NULL CHECK (source IN ({", ".join(repr(s) for s in SOURCES)})),
+    source TEXT NOT NULL CHECK (source IN ({_one_of(SOURCES)})),
     origin TEXT NOT NULL,
     hash TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL,
@@ -68,7 +87,9 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     status TEXT NOT NULL CHECK (status IN ('pending', 'committed')),
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    randomness TEXT NOT NULL DEFAULT 'seeded' CHECK (randomness IN ('seeded', 'secure'))
+    randomness TEXT NOT NULL DEFAULT 'seeded' CHECK (randomness IN ('seeded', 'secure')),
+    mechanism TEXT NOT NULL CHECK (mechanism IN ({_one_of(MECHANISMS)})),
+    unit TEXT NOT NULL CHECK (unit IN ({_one_of(UNITS)}))
 );
 CREATE TABLE IF NOT EXISTS label_pairs (
     id INTEGER PRIMARY KEY,
@@ -143,6 +164,10 @@ class LedgerEntry:
     status: str
     randomness: str
     """``secure`` or ``seeded``: where the run's noise and sampling came from."""
+    mechanism: str
+    """``training`` (DP-SGD steps) or ``statistics`` (a noised release of figures)."""
+    unit: str
+    """What one privacy unit is: a ``comparison`` or a ``prompt``."""
 
 
 def content_hash(*parts: str) -> str:
@@ -201,7 +226,8 @@ class PreferenceStore:
         if version == SCHEMA_VERSION:
             return
         for step in range(version, SCHEMA_VERSION):
-            self._conn.execute(_MIGRATIONS[step])
+            for statement in _MIGRATIONS[step]:
+                self._conn.execute(statement)
         self._conn.execute(
             "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
         )
@@ -344,11 +370,19 @@ class PreferenceStore:
     # -- privacy ledger ---------------------------------------------------------------
 
     def begin_charge(
-        self, run_id: str, phase: str, round_: int, event: DPEvent, randomness: str
+        self,
+        run_id: str,
+        phase: str,
+        round_: int,
+        event: DPEvent,
+        randomness: str,
+        mechanism: str,
+        unit: str,
     ) -> int:
         """Record a DP run *before* it starts, charged in full until :meth:`commit_charge`.
 
-        ``randomness`` is ``secure`` or ``seeded`` (:mod:`common.dp_randomness`).
+        ``randomness`` is ``secure`` or ``seeded`` (:mod:`common.dp_randomness`);
+        ``mechanism`` one of :data:`MECHANISMS`, ``unit`` one of :data:`UNITS`.
 
         A client that dies mid-training keeps this pending entry, so the ledger never
         counts less than was spent.
@@ -356,8 +390,8 @@ class PreferenceStore:
         with self.transaction():
             cursor = self._conn.execute(
                 "INSERT INTO privacy_ledger(run_id, phase, round, noise_multiplier, sample_rate,"
-                " steps, status, created_at, updated_at, randomness)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                " steps, status, created_at, updated_at, randomness, mechanism, unit)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     phase,
@@ -368,6 +402,8 @@ class PreferenceStore:
                     _now(),
                     _now(),
                     randomness,
+                    mechanism,
+                    unit,
                 ),
             )
             return int(cursor.lastrowid)
@@ -400,6 +436,8 @@ class PreferenceStore:
                 event=DPEvent(r["noise_multiplier"], r["sample_rate"], r["steps"]),
                 status=r["status"],
                 randomness=r["randomness"],
+                mechanism=r["mechanism"],
+                unit=r["unit"],
             )
             for r in rows
         ]

@@ -200,6 +200,10 @@ class PrivacyConfig:
     the policy phase then plans its rounds to use what composition leaves of epsilon."""
     accountant: str = "rdp"
     """``rdp`` or ``prv`` (Opacus accountants)."""
+    statistics_share: float = 0.05
+    """Share of epsilon for the statistics clients report (held-out accuracy, reward
+    score, KL): every planned release alone would spend epsilon * statistics-share
+    (:mod:`common.dp_statistics`). Training gets what composition leaves."""
     secure_noise: bool = True
     """Draw DP-SGD's Poisson samples and Gaussian noise from a cryptographically secure
     generator (:mod:`common.dp_randomness`). The simulation and the tests turn it off
@@ -372,6 +376,10 @@ class RunConfig:
             (self.policy.dpo_beta > 0, "policy.dpo-beta must be > 0"),
             (self.privacy.epsilon > 0, "privacy.epsilon must be > 0"),
             (0 < self.privacy.reward_share <= 1, "privacy.reward-share must be in (0, 1]"),
+            (
+                0 < self.privacy.statistics_share < 1,
+                "privacy.statistics-share must be in (0, 1)",
+            ),
             (0 < self.privacy.delta < 1, "privacy.delta must be in (0, 1)"),
             (self.privacy.max_grad_norm > 0, "privacy.max-grad-norm must be > 0"),
             (self.policy.max_grad_norm > 0, "policy.max-grad-norm must be > 0"),

@@ -89,20 +89,33 @@ def from_named_arrays(
     return from_ndarrays([arrays[n] for n in expected], spec, where)
 
 
+MAX_COUNT = 100_000.0
+"""Privacy units a client's statistics count per round are capped here: the stats array
+is quantized, and a larger range costs precision."""
+
+
 @dataclass(frozen=True)
 class StatsLayout:
-    """Named scalar statistics packed into one masked array.
+    """Named statistics, each a sum over privacy units, packed into one masked array.
 
-    Each value is divided by its bound so that it lies in [-1, 1]. SecAgg+ returns
-    the mean over the surviving clients; times their number, the server reads sums,
-    never a single client's value.
+    ``fields`` pairs each name with its unit bound: how much one unit can add to it
+    (1 for a count, the clip of a clipped loss, score or KL). The vector of statistics,
+    each divided by its unit bound, moves by at most sqrt(number of fields) in L2 when
+    a unit is added or removed: :mod:`common.dp_statistics` noises it for that. On the wire
+    each value is divided by ``MAX_COUNT`` units' worth so that it lies in [-1, 1];
+    SecAgg+ returns the mean over the surviving clients, and times their number the
+    server reads sums, never a single client's value.
     """
 
-    fields: tuple[tuple[str, float], ...]  # (name, bound)
+    fields: tuple[tuple[str, float], ...]  # (name, unit bound)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.fields)
+
+    @property
+    def unit_bounds(self) -> np.ndarray:
+        return np.array([bound for _, bound in self.fields], dtype=np.float64)
 
     @property
     def spec(self) -> TensorSpec:
@@ -116,63 +129,61 @@ class StatsLayout:
         out = np.zeros(len(self.fields), dtype=np.float32)
         for i, (name, bound) in enumerate(self.fields):
             value = float(values[name])
-            if not np.isfinite(value) or abs(value) > bound:
-                raise WireError(f"statistic {name!r} = {value} is outside +-{bound}")
-            out[i] = value / bound
+            if not np.isfinite(value) or abs(value) > MAX_COUNT * bound:
+                raise WireError(f"statistic {name!r} = {value} is outside +-{MAX_COUNT * bound:g}")
+            out[i] = value / (MAX_COUNT * bound)
         return out
 
     def decode_sum(self, array: np.ndarray) -> dict[str, float]:
         """Decode a summed stats array back into per-field sums."""
-        return {name: float(array[i]) * bound for i, (name, bound) in enumerate(self.fields)}
+        return {
+            name: float(array[i]) * MAX_COUNT * bound for i, (name, bound) in enumerate(self.fields)
+        }
 
 
-MAX_COUNT = 100_000.0
-"""Counts (comparisons, pairs evaluated) a client reports per round are capped here:
-the stats array is quantized, and larger bounds cost precision."""
+EVAL_LOSS_CLIP = 4.0
+"""A held-out comparison's Bradley-Terry loss is clipped here (margin -4) before it is
+summed into a statistic: the clip is its sensitivity."""
+SCORE_CLIP = 5.0
+"""A sampled response's reward-model score is clipped to +-this in the statistics."""
+KL_CLIP = 4.0
+"""A sampled response's summed per-token KL to the reference is clipped to [0, this] in the
+statistics: past it the trust region only needs to know "too far"."""
 
 REWARD_STATS = StatsLayout(
-    (
-        ("train_examples", MAX_COUNT),
-        ("train_steps", MAX_COUNT),
-        ("train_loss", 100.0),
-        ("epsilon", 1000.0),
-        ("eval_pairs", MAX_COUNT),
-        ("eval_correct", MAX_COUNT),
-        ("eval_loss_sum", 100.0 * MAX_COUNT),
-    )
+    (("eval_pairs", 1.0), ("eval_correct", 1.0), ("eval_loss_sum", EVAL_LOSS_CLIP))
 )
-"""Whitelisted statistics a client returns from a reward round (inside the mask).
-``eval_*`` describe the incoming global model on the client's held-out comparisons."""
-
+"""What a client reports of the reward model it was sent, on its held-out comparisons (a
+held-out comparison is one unit): sent, noised, with the final evaluation only."""
 
 POLICY_STATS = StatsLayout(
     (
-        ("samples", MAX_COUNT),
-        ("iterations", MAX_COUNT),
-        ("score", 100.0),
-        ("kl", 200.0),
-        ("kl_after", 200.0),
+        ("measured", 1.0),
+        ("score_sum", SCORE_CLIP),
+        ("kl_sum", KL_CLIP),
+        ("kl_after_sum", KL_CLIP),
         ("ended", 1.0),
-        ("entropy", 100.0),
-        ("policy_loss", 100.0),
-        ("value_loss", 1000.0),
-        ("clip_fraction", 1.0),
-        ("approx_kl", 100.0),
-        ("epsilon", 1000.0),
     )
 )
-"""Whitelisted statistics a client returns from a policy round (inside the mask).
-``samples`` counts what the round trained on (PPO rollouts, DPO comparisons);
-``score``, ``kl`` and ``ended`` describe the incoming policy's rollouts (KL to the
-reference, summed over a response's tokens); ``kl_after`` the locally updated policy's."""
+"""What a client reports of a policy round, on one Poisson sample of its prompts (a prompt
+is one unit): how many were measured, the incoming policy's reward-model score, its KL to
+the reference and whether its response ended (EOS), and the locally updated policy's KL on
+the same prompts (``kl_after_sum``, zero in an evaluation)."""
 
 
 def pack_update(
-    update: Mapping[str, torch.Tensor], spec: Sequence[TensorSpec], stats: np.ndarray, clip: float
+    update: Mapping[str, torch.Tensor],
+    spec: Sequence[TensorSpec],
+    stats: np.ndarray | None,
+    clip: float,
 ) -> list[np.ndarray]:
-    """Update arrays + stats array, refusing values SecAgg+ would silently clip."""
-    arrays = to_ndarrays(update, spec) + [stats.astype(np.float32)]
-    for array, name in zip(arrays, [s.name for s in spec] + ["stats"], strict=True):
+    """Update arrays (+ the stats array, if any), refusing values SecAgg+ would silently clip."""
+    arrays = to_ndarrays(update, spec)
+    names = [s.name for s in spec]
+    if stats is not None:
+        arrays.append(stats.astype(np.float32))
+        names.append("stats")
+    for array, name in zip(arrays, names, strict=True):
         peak = float(np.abs(array).max()) if array.size else 0.0
         if not np.isfinite(peak) or peak > clip:
             raise WireError(
@@ -182,12 +193,16 @@ def pack_update(
 
 
 def unpack_update(
-    arrays: Sequence[np.ndarray], spec: Sequence[TensorSpec], layout: StatsLayout, where: str
-) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Split an (aggregated) reply into named update tensors and the stats array."""
-    full = [*spec, layout.spec]
+    arrays: Sequence[np.ndarray],
+    spec: Sequence[TensorSpec],
+    layout: StatsLayout | None,
+    where: str,
+) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+    """Split an (aggregated) reply into named update tensors and the stats array (None
+    when ``layout`` is None: the reply carries no statistics)."""
+    full = [*spec, layout.spec] if layout is not None else list(spec)
     tensors = from_ndarrays(arrays, full, where)
-    stats = tensors.pop("stats").numpy()
+    stats = tensors.pop("stats").numpy() if layout is not None else None
     return tensors, stats
 
 

@@ -5,6 +5,7 @@ fedrlhf simulate [--out DIR] [--orgs N] [--set KEY=VALUE ...]
 fedrlhf evaluate --reward DIR --data FILE | --policy DIR --prompts FILE [--reward DIR]
 fedrlhf import --store PATH FILE [...]   (JSONL, JSON, Parquet, CSV, save_to_disk folders)
 fedrlhf store-info --store PATH
+fedrlhf privacy-report --store PATH [--delta D] [--json]   (every charge, epsilon by RDP and PRV)
 fedrlhf demo-data [--english] --org N --out FILE.jsonl
 fedrlhf labeling-study [--out DIR]   (uncertainty-first vs random labeling, simulated)
 fedrlhf label | candidates | export | stats   (a partner's annotators; see label_commands.py)
@@ -166,6 +167,47 @@ def _store_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from client.privacy_report import ACCOUNTANTS, privacy_report
+
+    with PreferenceStore(args.store) as store:
+        report = privacy_report(store, args.delta or RunConfig().privacy.delta)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = Console()
+    charges = Table(title=f"Mechanisms charged in {report['store']}")
+    for column in ("id", "run", "phase", "round", "mechanism", "unit", "noise", "rate", "steps"):
+        charges.add_column(column, justify="right" if column in ("noise", "rate") else "left")
+    charges.add_column("status / randomness")
+    for m in report["mechanisms"]:
+        charges.add_row(
+            str(m["id"]), m["run_id"][:8], m["phase"], str(m["round"]), m["mechanism"],
+            m["unit"], f"{m['noise_multiplier']:.4g}", f"{m['sample_rate']:.4g}",
+            str(m["steps"]), f"{m['status']} / {m['randomness']}",
+        )  # fmt: skip
+    console.print(charges)
+    composed = Table(title=f"Composed epsilon at delta {report['delta']:g}")
+    composed.add_column("mechanisms composed")
+    composed.add_column("count", justify="right")
+    for kind in ACCOUNTANTS:
+        composed.add_column(f"epsilon ({kind.upper()})", justify="right")
+    for c in report["compositions"]:
+        composed.add_row(
+            c["subset"], str(c["mechanisms"]), *(f"{c['epsilon'][k]:.3f}" for k in ACCOUNTANTS)
+        )
+    console.print(composed)
+    console.print(
+        "'all' is the guarantee for one comparison and what the budget caps (RDP unless "
+        "privacy.accountant says otherwise); PRV is Opacus's upper bound from the "
+        "privacy-loss distribution. Pending charges are counted in full."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrlhf", description="Federated, privacy-preserving RLHF."
@@ -246,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--delta", type=float, help="delta for the epsilon shown (default: the run default)"
     )
     info.set_defaults(func=_store_info)
+
+    audit = sub.add_parser(
+        "privacy-report",
+        help="every DP mechanism a store's ledger charged, composed by RDP and PRV",
+    )
+    audit.add_argument("--store", required=True)
+    audit.add_argument("--delta", type=float, help="delta (default: the run default)")
+    audit.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    audit.set_defaults(func=_privacy_report)
 
     demo = sub.add_parser(
         "demo-data", help="a simulated organization's comparisons as JSONL, to try things out"

@@ -6,13 +6,14 @@ aggregate the replies (SecAgg+ unless explicitly off), refuse an aggregate that
 fails the wire checks, apply the server optimizer, checkpoint, log. After the last
 round of a phase one evaluation-only round scores the final model.
 
-Reward rounds send the reward adapter + head; their statistics describe the
-*incoming* model on the clients' held-out comparisons. Policy rounds send the policy
-adapter + value head, the frozen reward model and the KL coefficient beta; the
-aggregated KL of the round's rollouts moves beta (the KL controller), and the
-aggregated KL of the clients' updated policies decides whether the step is taken,
-scaled back or rejected (the trust region). A restarted server resumes after the
-last complete checkpoint.
+Reward rounds send the reward adapter + head and get updates back; the phase's
+final evaluation gets the final model's figures on the clients' held-out comparisons.
+Policy rounds send the policy adapter + value head, the frozen reward model and the
+KL coefficient beta; the aggregated KL of the incoming policy moves beta (the KL
+controller), and the aggregated KL of the clients' updated policies decides whether
+the step is taken, scaled back or rejected (the trust region). Every figure the
+server reads is a sum of the clients' DP-noised statistics (:mod:`common.dp_statistics`).
+A restarted server resumes after the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -222,20 +223,24 @@ class PhaseDriver:
         )
 
     @staticmethod
-    def _layout(phase: str) -> StatsLayout:
-        return POLICY_STATS if phase == "policy" else REWARD_STATS
+    def _layout(instruction: RoundInstruction) -> StatsLayout | None:
+        """The statistics a reply carries: none from a reward training round."""
+        if instruction.phase == "policy":
+            return POLICY_STATS
+        return REWARD_STATS if instruction.task == "evaluate" else None
 
     def _reply_spec(self, instruction: RoundInstruction) -> list[TensorSpec]:
         """The arrays a client's reply holds: the update (training only), then stats."""
         update = self.spec[instruction.phase] if instruction.task == "train" else []
-        return [*update, self._layout(instruction.phase).spec]
+        layout = self._layout(instruction)
+        return [*update, *([layout.spec] if layout is not None else [])]
 
     def _unpack(self, arrays: list[np.ndarray], instruction: RoundInstruction, where: str):
         spec = self.spec[instruction.phase] if instruction.task == "train" else []
         return unpack_update(
             [np.asarray(a, dtype=np.float32) for a in arrays],
             spec,
-            self._layout(instruction.phase),
+            self._layout(instruction),
             where,
         )
 
@@ -282,7 +287,8 @@ class PhaseDriver:
                 log.error("%s round %d attempt %d failed: %s", phase, round_, attempt, exc)
                 continue
             n = len(outcome.survivors)
-            sums = {k: v * n for k, v in self._layout(phase).decode_sum(stats).items()}
+            layout = self._layout(instruction)
+            sums = {k: v * n for k, v in layout.decode_sum(stats).items()} if layout else {}
             return outcome, update, sums
         raise RoundFailed(f"{phase} round {round_} failed {MAX_ATTEMPTS_PER_ROUND} times; stopping")
 
@@ -290,8 +296,8 @@ class PhaseDriver:
         outcome, update, sums = self._attempt(phase, "train", round_, rounds)
         extra: dict[str, Any] = {}
         if phase == "policy":
-            n = len(outcome.survivors)
-            kl_current, kl_proposed = sums["kl"] / n, sums["kl_after"] / n
+            figures = self._policy_figures("train", sums)
+            kl_current, kl_proposed = figures["kl"], figures["kl_after"]
             decision = trust_region(
                 kl_current,
                 kl_proposed,
@@ -300,7 +306,7 @@ class PhaseDriver:
             )
             update = {name: u * decision.scale for name, u in update.items()}
             beta_used = self.kl_controller.beta
-            self.kl_controller.update(kl_current, round(sums["samples"]))
+            self.kl_controller.update(kl_current, figures["samples"])
             self.state.kl_controller = self.kl_controller.state_dict()
             extra = {
                 "beta": beta_used,
@@ -347,7 +353,6 @@ class PhaseDriver:
             "dropped_nodes": sorted({d.node_id for d in outcome.dropouts}),
             "secure_aggregation": self.config.federation.secure_aggregation,
             "dp": self.config.privacy.enabled,
-            "epsilon_mean": sums["epsilon"] / n,
             "update_norm": update_norm,
             "bytes_down_per_client": max(outcome.bytes_down.values(), default=0),
             "bytes_up_per_client": max(outcome.bytes_up.values(), default=0),
@@ -357,7 +362,7 @@ class PhaseDriver:
             "timeline": [stage.to_json() for stage in outcome.stages],
             "server_seconds": round(outcome.seconds - sum(s.seconds for s in outcome.stages), 3),
             "secagg": outcome.share_graph.to_json() if outcome.share_graph else None,
-            **(self._reward_figures if phase == "reward" else self._policy_figures)(task, sums, n),
+            **(self._reward_figures if phase == "reward" else self._policy_figures)(task, sums),
             **extra,
         }
         self.state.history.append(entry)
@@ -370,11 +375,11 @@ class PhaseDriver:
             f"per client, {outcome.seconds:.1f} s"
         )
         if phase == "reward":
-            acc, loss = entry["fed_eval_accuracy"], entry["train_loss"]
+            acc, loss = entry["fed_eval_accuracy"], entry["fed_eval_loss"]
             figures = (
-                f"held-out accuracy of model {entry['evaluated_model_round']} "
-                f"{f'{acc:.4f}' if acc is not None else 'n/a'}, "
-                f"loss {f'{loss:.4f}' if loss is not None else '-'}"
+                f"held-out accuracy {acc:.4f}, loss {loss:.4f} (noised)"
+                if acc is not None
+                else "update only"
             )
         else:
             figures = (
@@ -384,7 +389,7 @@ class PhaseDriver:
                 + (f", step x{entry['trust_region_scale']:.3f}" if task == "train" else "")
             )
         log.info(
-            "%s round %d/%d %s: %d/%d clients, %s, mean epsilon %.3f%s, %s",
+            "%s round %d/%d %s: %d/%d clients, %s%s, %s",
             phase,
             round_,
             rounds,
@@ -392,30 +397,37 @@ class PhaseDriver:
             n,
             len(outcome.sampled),
             figures,
-            entry["epsilon_mean"],
             dp,
             traffic,
         )
 
     @staticmethod
-    def _reward_figures(task: str, sums: dict[str, float], n: int) -> dict[str, Any]:
-        pairs = round(sums["eval_pairs"])
+    def _reward_figures(task: str, sums: dict[str, float]) -> dict[str, Any]:
+        """The final evaluation's figures, from the noised sums (None in training rounds)."""
+        if task != "evaluate":
+            return {"fed_eval_pairs": None, "fed_eval_accuracy": None, "fed_eval_loss": None}
+        pairs = max(sums["eval_pairs"], 1.0)
         return {
-            "fed_eval_pairs": pairs,
-            "fed_eval_accuracy": round(sums["eval_correct"]) / pairs if pairs else None,
-            "fed_eval_loss": sums["eval_loss_sum"] / pairs if pairs else None,
-            "train_loss": sums["train_loss"] / n if task == "train" else None,
+            "fed_eval_pairs": round(sums["eval_pairs"]),
+            "fed_eval_accuracy": min(1.0, max(0.0, sums["eval_correct"] / pairs)),
+            "fed_eval_loss": max(0.0, sums["eval_loss_sum"] / pairs),
         }
 
-    @staticmethod
-    def _policy_figures(task: str, sums: dict[str, float], n: int) -> dict[str, Any]:
-        """Means over the round's clients of each client's figures."""
-        means = {k: v / n for k, v in sums.items() if k not in ("epsilon", "samples")}
-        means["samples"] = round(sums["samples"])
-        if task == "evaluate":
-            for key in ("kl_after", "entropy", "policy_loss", "value_loss", "clip_fraction"):
-                means.pop(key)
-        return means
+    def _policy_figures(self, task: str, sums: dict[str, float]) -> dict[str, Any]:
+        """Means over the measured prompts of all clients, from the noised sums. The KL
+        controller counts the round's samples as ``iterations`` times those measured
+        (training and measurement sample at the same expected size)."""
+        measured = max(sums["measured"], 1.0)
+        figures = {
+            "measured": round(sums["measured"]),
+            "score": sums["score_sum"] / measured,
+            "kl": max(0.0, sums["kl_sum"] / measured),
+            "ended": min(1.0, max(0.0, sums["ended"] / measured)),
+        }
+        if task == "train":
+            figures["kl_after"] = max(0.0, sums["kl_after_sum"] / measured)
+            figures["samples"] = round(max(0.0, sums["measured"]) * self.config.policy.iterations)
+        return figures
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

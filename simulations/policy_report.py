@@ -83,7 +83,6 @@ def policy_rounds(
             "clients_score": server.get("score"),
             "clients_kl": server.get("kl"),
             "trust_region_scale": trained.get(round_, {}).get("trust_region_scale"),
-            "epsilon_mean": trained.get(round_, {}).get("epsilon_mean"),
             "example": f"{prompts[0]} -> {rollouts.responses[0]}",
         }
         if utility is not None:

@@ -56,6 +56,28 @@ def client_epsilons(config: RunConfig, stores: list[Path]) -> list[float]:
     return eps
 
 
+def epsilon_by_round(config: RunConfig, stores: list[Path], phase: str) -> dict[int, float]:
+    """Mean over clients of the epsilon spent up to the end of each round of ``phase``,
+    read from their ledgers (the server never learns it)."""
+    per_client: list[dict[int, float]] = []
+    for path in stores:
+        with PreferenceStore(path) as store:
+            ledger = store.ledger()
+        spent, rounds = [], {}
+        for entry in ledger:
+            spent.append(entry.event)
+            if entry.phase == phase:
+                rounds[entry.round] = spent.copy()
+        per_client.append(
+            {
+                r: epsilon(events, config.privacy.delta, config.privacy.accountant)
+                for r, events in rounds.items()
+            }
+        )
+    rounds = sorted(set().union(*per_client)) if per_client else []
+    return {r: statistics.mean(c.get(r, 0.0) for c in per_client) for r in rounds}
+
+
 def build_report(
     config: RunConfig,
     run_dir: Path,
@@ -94,6 +116,7 @@ def build_report(
         if h["phase"] == "reward"
     ]
     accuracies = round_accuracies(config, run, test)
+    spent = epsilon_by_round(config, stores, "reward")
     train_rounds = [h for h in history if h["task"] == "train"]
     final_round = max(accuracies)
     final = accuracies[final_round]
@@ -107,8 +130,7 @@ def build_report(
                 "round": r,
                 "test_accuracy": acc,
                 "federated_heldout_accuracy": fed.get("fed_eval_accuracy"),
-                "train_loss": trained.get("train_loss"),
-                "epsilon_mean": trained.get("epsilon_mean", 0.0),
+                "epsilon_mean": spent.get(r, 0.0),
                 "bytes_down_per_client": trained.get("bytes_down_per_client", 0),
                 "bytes_up_per_client": trained.get("bytes_up_per_client", 0),
                 "survivors": trained.get("survivors"),

@@ -273,13 +273,9 @@ def _run_other_objective(
 def _progress_line(last: dict) -> str:
     where = f"{last['phase']} round {last['round']} {last['task']}"
     if last["phase"] == "policy":
-        return (
-            f"{where}: score {last['score']:.2f}, KL {last['kl']:.2f}, "
-            f"epsilon {last['epsilon_mean']:.2f}"
-        )
+        return f"{where}: score {last['score']:.2f}, KL {last['kl']:.2f} (noised)"
     acc = last["fed_eval_accuracy"]
-    figure = f"held-out acc {acc:.3f}, " if acc is not None else ""
-    return f"{where}: {figure}epsilon {last['epsilon_mean']:.2f}"
+    return f"{where}: held-out acc {acc:.3f} (noised)" if acc is not None else where
 
 
 def clear_run(run_dir: Path) -> None:

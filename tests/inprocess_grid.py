@@ -64,7 +64,15 @@ class InProcessGrid:
                 reply = Message(
                     Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message
                 )
-            self.sent_by_clients.append((node, reply))
+            # A copy: the server's legacy conversion empties the reply it reads.
+            self.sent_by_clients.append(
+                (
+                    node,
+                    Message(copy.deepcopy(reply.content), reply_to=message)
+                    if not reply.has_error()
+                    else reply,
+                )
+            )
             self._replies[message_id] = reply
         return ids
 

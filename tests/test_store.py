@@ -53,19 +53,23 @@ def test_heldout_split_is_stable_and_near_the_fraction(tmp_path):
 
 def test_ledger_charges_before_training_and_commits_actual_steps(tmp_path):
     with PreferenceStore(tmp_path / "s.sqlite") as store:
-        entry = store.begin_charge("run", "reward", 1, DPEvent(1.0, 0.1, 20), "secure")
+        entry = store.begin_charge(
+            "run", "reward", 1, DPEvent(1.0, 0.1, 20), "secure", "training", "comparison"
+        )
         assert store.privacy_events() == [DPEvent(1.0, 0.1, 20)]  # pending counts in full
         assert store.ledger()[0].status == "pending"
         store.commit_charge(entry, 20)
         assert store.ledger()[0].status == "committed"
         with pytest.raises(ValueError, match="not a pending charge"):
             store.commit_charge(entry, 20)
-        second = store.begin_charge("run", "reward", 2, DPEvent(1.0, 0.1, 20), "seeded")
+        second = store.begin_charge(
+            "run", "reward", 2, DPEvent(1.0, 0.1, 20), "seeded", "training", "comparison"
+        )
         with pytest.raises(ValueError, match="21 steps > 20 planned"):
             store.commit_charge(second, 21)
 
 
-def test_a_version_1_store_opens_with_its_ledger_marked_seeded(tmp_path):
+def test_a_version_1_store_opens_with_its_ledger_marked_seeded_training(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:  # the ledger of a store written by version 1
         conn.executescript(
@@ -83,13 +87,19 @@ def test_a_version_1_store_opens_with_its_ledger_marked_seeded(tmp_path):
         )
     conn.close()
     with PreferenceStore(path) as store:
-        assert [(e.event, e.randomness) for e in store.ledger()] == [
-            (DPEvent(1.2, 0.05, 20), "seeded")
+        assert [(e.event, e.randomness, e.mechanism, e.unit) for e in store.ledger()] == [
+            (DPEvent(1.2, 0.05, 20), "seeded", "training", "comparison")
         ]
-        store.begin_charge("run", "reward", 2, DPEvent(1.0, 0.05, 20), "secure")
-        assert [e.randomness for e in store.ledger()] == ["seeded", "secure"]
-        with pytest.raises(sqlite3.IntegrityError):
-            store.begin_charge("run", "reward", 3, DPEvent(1.0, 0.05, 20), "urandom-ish")
+        store.begin_charge(
+            "run", "reward", 2, DPEvent(1.0, 0.05, 20), "secure", "statistics", "prompt"
+        )
+        assert [(e.randomness, e.mechanism) for e in store.ledger()] == [
+            ("seeded", "training"),
+            ("secure", "statistics"),
+        ]
+        for bad in (("urandom-ish", "training"), ("secure", "gossip")):
+            with pytest.raises(sqlite3.IntegrityError):
+                store.begin_charge("run", "reward", 3, DPEvent(1.0, 0.05, 20), *bad, "prompt")
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM meta").fetchone() == ("3",)
     conn.close()

@@ -61,16 +61,12 @@ def test_named_arrays_refuse_missing_and_unexpected_names():
 
 
 def test_stats_encode_and_decode_sums():
-    values = dict.fromkeys(REWARD_STATS.names, 0.0) | {
-        "eval_pairs": 120.0,
-        "eval_correct": 77.0,
-        "epsilon": 3.5,
-    }
+    values = {"eval_pairs": 120.0, "eval_correct": 77.0, "eval_loss_sum": 80.5}
     encoded = REWARD_STATS.encode(values)
     assert np.abs(encoded).max() <= 1.0
     decoded = REWARD_STATS.decode_sum(encoded + encoded)
     assert decoded["eval_correct"] == pytest.approx(154.0, rel=1e-6)
-    assert decoded["epsilon"] == pytest.approx(7.0, rel=1e-6)
+    assert decoded["eval_loss_sum"] == pytest.approx(161.0, rel=1e-6)
 
 
 def test_stats_refuse_out_of_bound_and_unknown_fields():
@@ -93,6 +89,11 @@ def test_pack_refuses_values_secagg_would_clip():
     arrays = pack_update(STATE, SPEC, stats, 4.0)
     update, back = unpack_update(arrays, SPEC, REWARD_STATS, "x")
     assert np.array_equal(back, stats) and torch.equal(update["adapter.a"], STATE["adapter.a"])
+    # A reward training round's reply: the update alone; a stats array more is refused.
+    update, none = unpack_update(pack_update(STATE, SPEC, None, 4.0), SPEC, None, "x")
+    assert none is None and torch.equal(update["head.weight"], STATE["head.weight"])
+    with pytest.raises(WireError, match="3 tensors arrived, expected 2"):
+        unpack_update(arrays, SPEC, None, "x")
 
 
 def test_spec_numel():

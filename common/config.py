@@ -200,7 +200,7 @@ class PrivacyConfig:
     the policy phase then plans its rounds to use what composition leaves of epsilon."""
     accountant: str = "rdp"
     """``rdp`` or ``prv`` (Opacus accountants)."""
-    statistics_share: float = 0.05
+    statistics_share: float = 0.1
     """Share of epsilon for the statistics clients report (held-out accuracy, reward
     score, KL): every planned release alone would spend epsilon * statistics-share
     (:mod:`common.dp_statistics`). Training gets what composition leaves."""

@@ -146,9 +146,12 @@ EVAL_LOSS_CLIP = 4.0
 summed into a statistic: the clip is its sensitivity."""
 SCORE_CLIP = 5.0
 """A sampled response's reward-model score is clipped to +-this in the statistics."""
-KL_CLIP = 4.0
+KL_CLIP = 8.0
 """A sampled response's summed per-token KL to the reference is clipped to [0, this] in the
-statistics: past it the trust region only needs to know "too far"."""
+statistics. Per-response KL is heavy-tailed (measured on the default run's policies:
+median 0.3 nats, 90th percentile 0.5 at a mean of 0.3, 10 at a mean of 3.3): at 8 the
+clipped mean is 3% low at a mean of 0.3 nats, at 4 it was 11% low, and the noise grows
+with the clip."""
 
 REWARD_STATS = StatsLayout(
     (("eval_pairs", 1.0), ("eval_correct", 1.0), ("eval_loss_sum", EVAL_LOSS_CLIP))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.privacy_report import privacy_report
 from client.store import PreferenceStore
 from common.config import RunConfig
 from common.dp_randomness import randomness_name
@@ -56,6 +57,15 @@ def client_epsilons(config: RunConfig, stores: list[Path]) -> list[float]:
     return eps
 
 
+def _audit(config: RunConfig, path: Path) -> dict[str, Any]:
+    """A client's privacy report, compositions by subset name, plus its statistics charges."""
+    with PreferenceStore(path) as store:
+        report = privacy_report(store, config.privacy.delta)
+    audit: dict[str, Any] = {c["subset"]: c["epsilon"] for c in report["compositions"]}
+    audit["statistics"] = [m for m in report["mechanisms"] if m["mechanism"] == "statistics"]
+    return audit
+
+
 def epsilon_by_round(config: RunConfig, stores: list[Path], phase: str) -> dict[int, float]:
     """Mean over clients of the epsilon spent up to the end of each round of ``phase``,
     read from their ledgers (the server never learns it)."""
@@ -87,6 +97,7 @@ def build_report(
     scenario: dict[str, Any],
 ) -> dict[str, Any]:
     eps = client_epsilons(config, stores)
+    audits = [_audit(config, path) for path in stores]
     privacy = {
         "dp": config.privacy.enabled,
         "secure_aggregation": config.federation.secure_aggregation,
@@ -96,6 +107,15 @@ def build_report(
         "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
         "dp_randomness": randomness_name(config.privacy.secure_noise),
+        # The same ledgers composed by a second accountant, and the statistics alone.
+        "epsilon_per_client_prv": [a["all"]["prv"] for a in audits],
+        "statistics_share": config.privacy.statistics_share,
+        "statistics_epsilon_alone_per_client": [
+            a.get("mechanism=statistics", {}).get("rdp", 0.0) for a in audits
+        ],
+        "statistics_noise_multiplier": sorted(
+            {m["noise_multiplier"] for a in audits for m in a["statistics"]}
+        ),
     }
     privacy_checks = {
         "epsilon <= budget for every client": (not config.privacy.enabled)

@@ -384,6 +384,15 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     )
     if report["dp"]:
         table.add_row("DP noise and sampling", report["dp_randomness"])
+        table.add_row(
+            f"epsilon per client, max: {report['accountant'].upper()} (enforced) / PRV",
+            f"{max(eps):.3f} / {max(report['epsilon_per_client_prv']):.3f}",
+        )
+        sigmas = ", ".join(f"{s:.2f}" for s in report["statistics_noise_multiplier"])
+        table.add_row(
+            "statistics releases: noise multiplier, epsilon alone (max)",
+            f"{sigmas or '-'}, {max(report['statistics_epsilon_alone_per_client']):.3f}",
+        )
     steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in report["step_seconds"].items())
     table.add_row("wall time (s)", f"{report['seconds']:.0f}: {steps}")
     for phase, line in report["round_timeline"].items():

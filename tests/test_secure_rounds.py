@@ -387,3 +387,24 @@ def test_client_refuses_tampered_global_weights_naming_the_tensor(
         client_app(grid.deliver(node, tampered), grid.contexts[node])
     with PreferenceStore(stores[node]["store"]) as store:
         assert store.snapshot() == before  # nothing trained, charged or lost
+
+
+def test_prv_planning_buys_less_noise_for_the_same_budget(tiny_base_dir, tmp_path):
+    """``privacy.accountant = "prv"``: rounds plan and check with Opacus's PRV bound,
+    which fits the same budget with less noise than RDP; by PRV the ledger is within
+    budget, by RDP (looser) the same ledger would not be."""
+    plain = {"federation.secure-aggregation": False}
+    ledgers = {}
+    for kind in ("rdp", "prv"):
+        _, _, _, stores = run(
+            tiny_base_dir, tmp_path, kind, **plain, **{"privacy.accountant": kind}
+        )
+        with PreferenceStore(stores[NODES[0]]["store"]) as store:
+            ledgers[kind] = store.ledger()
+    noise = {
+        kind: [e.event.noise_multiplier for e in ledger if e.mechanism == "training"]
+        for kind, ledger in ledgers.items()
+    }
+    assert all(p < 0.95 * r for p, r in zip(noise["prv"], noise["rdp"], strict=True)), noise
+    events = [e.event for e in ledgers["prv"]]
+    assert epsilon(events, 1e-5, "prv") <= 8.0 * (1 + 1e-6) < epsilon(events, 1e-5, "rdp")

@@ -388,10 +388,11 @@ def _print_summary(report: dict, run_dir: Path) -> None:
             f"epsilon per client, max: {report['accountant'].upper()} (enforced) / PRV",
             f"{max(eps):.3f} / {max(report['epsilon_per_client_prv']):.3f}",
         )
-        sigmas = ", ".join(f"{s:.2f}" for s in report["statistics_noise_multiplier"])
+        sigmas = report["statistics_noise_multiplier"]
         table.add_row(
-            "statistics releases: noise multiplier, epsilon alone (max)",
-            f"{sigmas or '-'}, {max(report['statistics_epsilon_alone_per_client']):.3f}",
+            "statistics releases: noise multiplier; their epsilon alone (max)",
+            (f"{min(sigmas):.2f}-{max(sigmas):.2f}" if sigmas else "-")
+            + f"; {max(report['statistics_epsilon_alone_per_client']):.3f}",
         )
     steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in report["step_seconds"].items())
     table.add_row("wall time (s)", f"{report['seconds']:.0f}: {steps}")

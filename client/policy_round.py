@@ -29,7 +29,7 @@ from client.ppo_training import (
     generate_rollouts,
     ppo_update,
 )
-from client.privacy_charges import Mechanism, begin_charges
+from client.privacy_charges import Mechanism, begin_charges, release_statistics
 from client.reward_round import cached_reward_model, last_training_noise, round_seed
 from client.reward_training import DPSettings, OptimizerSettings
 from client.round_timeline import timed
@@ -38,10 +38,8 @@ from common.config import ModelConfig, PolicyConfig, RunConfig
 from common.dp_randomness import DPRandomness, dp_randomness
 from common.dp_statistics import (
     STATISTICS,
-    clipped_sums,
     future_statistics,
     measurement_rate,
-    noised,
     statistics_event,
 )
 from common.model import RewardModel, score_responses, train_only
@@ -86,6 +84,15 @@ def measurement_rows(before: Rollouts, after: Rollouts | None, estimator: str) -
         raise AssertionError("the two measurements must be on the same prompts")
     columns = [torch.ones_like(kl_before), before.scores, kl_before, kl_after, before.ended]
     return torch.stack([c.double().cpu() for c in columns], dim=1).numpy()
+
+
+NO_ROWS = np.zeros((0, len(POLICY_STATS.fields)))
+"""No prompt was measured (a Poisson sample may be empty)."""
+
+
+def _pop(charges: list[int]) -> int | None:
+    """The next charge begun for this round, in the order its mechanisms run."""
+    return charges.pop(0) if charges else None
 
 
 def poisson_sample(items: list[str], rate: float, randomness: DPRandomness) -> list[str]:
@@ -144,14 +151,14 @@ def policy_round(
         mechanisms.append(Mechanism(stats_event, STATISTICS, "prompt"))
 
     if instruction.task == "evaluate":
-        charges, after_eps = (
-            begin_charges(store, run_id, instruction, config, mechanisms)
-            if mechanisms
-            else ([], 0.0)
+        charges = (
+            begin_charges(store, run_id, instruction, config, mechanisms)[0] if mechanisms else []
         )
         before = measure(round_seed(instruction, store, "measure before"))
-        rows = measurement_rows(before, None, pc.kl_estimator) if before else None
-        stats = _statistics(store, rows, stats_event, statistics_randomness, charges)
+        rows = measurement_rows(before, None, pc.kl_estimator) if before else NO_ROWS
+        stats = release_statistics(
+            store, rows, POLICY_STATS, stats_event, statistics_randomness, _pop(charges)
+        )
         return pack_update({}, [], stats, config.federation.secagg_clipping_range)
 
     if pc.objective == "ppo":
@@ -228,10 +235,10 @@ def policy_round(
             )  # fmt: skip
         loss_text = f"DPO loss {dpo.mean_loss:.4f}"
     if dp is not None:
-        store.commit_charge(charges.pop(0), pc.iterations)
+        store.commit_charge(_pop(charges), pc.iterations)
     after = measure(round_seed(instruction, store, "measure after"))
-    rows = measurement_rows(before, after, pc.kl_estimator) if before else None
-    if rows is not None:  # the exact local figures, for this client's log only
+    rows = measurement_rows(before, after, pc.kl_estimator) if before else NO_ROWS
+    if len(rows):  # the exact local figures, for this client's log only
         score, kl, kl_after = rows[:, 1].mean(), rows[:, 2].mean(), rows[:, 3].mean()
         log.info(
             "%s: policy round %d (%s, beta %.4f): score %.3f, KL %.3f -> %.3f, %s, epsilon %.3f%s",
@@ -240,25 +247,10 @@ def policy_round(
         )  # fmt: skip
     new_state = policy.trainable_state()
     update = {name: new_state[name].detach().cpu() - global_policy[name] for name in global_policy}
-    stats = _statistics(store, rows, stats_event, statistics_randomness, charges)
+    stats = release_statistics(
+        store, rows, POLICY_STATS, stats_event, statistics_randomness, _pop(charges)
+    )
     return pack_update(update, policy_spec, stats, config.federation.secagg_clipping_range)
-
-
-def _statistics(
-    store: PreferenceStore,
-    rows: np.ndarray | None,
-    event: DPEvent | None,
-    randomness: DPRandomness,
-    charges: list[int],
-) -> np.ndarray:
-    """The reply's stats array: the measured rows' clipped sums, noised for the charged
-    statistics ``event`` (None when DP is off)."""
-    empty = np.zeros((0, len(POLICY_STATS.fields)))
-    sums = clipped_sums(empty if rows is None else rows, POLICY_STATS)
-    if event is not None:
-        sums = noised(sums, POLICY_STATS, event.noise_multiplier, randomness)
-        store.commit_charge(charges.pop(0), 1)
-    return POLICY_STATS.encode(sums)
 
 
 def _plan_noise(

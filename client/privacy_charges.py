@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from client.store import PreferenceStore
 from common.config import RunConfig
-from common.dp_randomness import randomness_name
+from common.dp_randomness import DPRandomness, randomness_name
+from common.dp_statistics import clipped_sums, noised
 from common.privacy import DPEvent, check_budget
 from common.protocol import RoundInstruction
+from common.wire import StatsLayout
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,20 @@ def begin_charges(
         for m in mechanisms
     ]
     return ids, after
+
+
+def release_statistics(
+    store: PreferenceStore,
+    rows: np.ndarray,
+    layout: StatsLayout,
+    event: DPEvent | None,
+    randomness: DPRandomness,
+    charge: int | None,
+) -> np.ndarray:
+    """The stats array of a reply: per-unit ``rows`` clipped and summed, then noised for
+    the charged statistics ``event`` and its charge committed (``event`` None: DP off)."""
+    sums = clipped_sums(rows, layout)
+    if event is not None:
+        sums = noised(sums, layout, event.noise_multiplier, randomness)
+        store.commit_charge(charge, 1)
+    return layout.encode(sums)

@@ -20,19 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.privacy_charges import Mechanism, begin_charges
+from client.privacy_charges import Mechanism, begin_charges, release_statistics
 from client.reward_training import DPSettings, OptimizerSettings, train_reward_model
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, RunConfig
 from common.dp_randomness import dp_randomness
-from common.dp_statistics import (
-    STATISTICS,
-    clipped_sums,
-    future_statistics,
-    noised,
-    statistics_event,
-)
+from common.dp_statistics import STATISTICS, future_statistics, statistics_event
 from common.hardware import model_device
 from common.model import (
     REWARD_ADAPTER,
@@ -173,7 +167,7 @@ def _release_evaluation(
     run_id: str,
 ) -> list[np.ndarray]:
     """The final model's figures on the held-out comparisons, noised and charged."""
-    charge = None
+    event, charge = None, None
     if config.privacy.enabled:
         event = statistics_event(config, instruction, store.counts()["prompts"])
         (charge,), _ = begin_charges(
@@ -182,13 +176,10 @@ def _release_evaluation(
     with timed("evaluate"):
         held_out = store.comparisons("heldout", config.reward.heldout_fraction)
         rows = evaluation_rows(model, tokenizer, held_out, config.model.max_length)
-        sums = clipped_sums(rows, REWARD_STATS)
-    if charge is not None:
-        seed = round_seed(instruction, store, STATISTICS)
-        randomness = dp_randomness(config.privacy.secure_noise, torch.device("cpu"), seed)
-        sums = noised(sums, REWARD_STATS, event.noise_multiplier, randomness)
-        store.commit_charge(charge, 1)
-    return pack_update({}, [], REWARD_STATS.encode(sums), config.federation.secagg_clipping_range)
+    seed = round_seed(instruction, store, STATISTICS)
+    randomness = dp_randomness(config.privacy.secure_noise, torch.device("cpu"), seed)
+    stats = release_statistics(store, rows, REWARD_STATS, event, randomness, charge)
+    return pack_update({}, [], stats, config.federation.secagg_clipping_range)
 
 
 def round_seed(instruction: RoundInstruction, store: PreferenceStore, purpose: str = "") -> int:

@@ -19,8 +19,7 @@ import pytest
 from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-import client.policy_round as policy_round
-import client.reward_round as reward_round
+import client.privacy_charges as privacy_charges
 from client.store import PreferenceStore
 from common.config import RunConfig
 from common.dp_randomness import DPOptimizerWithRandomness
@@ -79,8 +78,7 @@ def recorded(monkeypatch):
 
         return noised
 
-    for module in (reward_round, policy_round):
-        monkeypatch.setattr(module, "noised", recording(module.noised))
+    monkeypatch.setattr(privacy_charges, "noised", recording(privacy_charges.noised))
     original_add_noise = DPOptimizerWithRandomness.add_noise
 
     def add_noise(self):

@@ -26,6 +26,9 @@ POLICY = {
     "policy.optimizer": "adam",
     "policy.learning-rate": 0.01,
     "policy.kl-horizon": 50.0,
+    # The trust region reads noised KL figures; at the tiny test sizes their noise
+    # would make a round's acceptance chance. Tests of the trust region set a bound.
+    "policy.kl-bound": 1e6,
 }
 
 
@@ -65,7 +68,7 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
     beta = assert_beta_follows_the_controller(policy_rounds, config, config.beta)
     for h in policy_rounds:
         assert h["survivors"] == 3 and h["kl_after"] >= 0
-        assert 0 < h["trust_region_scale"] <= 1.0 and h["update_norm"] > 0
+        assert h["trust_region_scale"] == 1.0 and h["update_norm"] > 0
     assert state.kl_controller["beta"] == pytest.approx(beta)
 
     # The policy moved; the reward model did not move in the policy rounds.

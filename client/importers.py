@@ -295,3 +295,10 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ImportFileError(path, 0, "the file holds no prompts")
     return list(dict.fromkeys(prompts))
+
+
+def import_prompts(store: PreferenceStore, path: str | Path) -> tuple[int, int]:
+    """Validate ``path`` completely, then add its prompts to the store's pool for policy
+    rounds in one transaction; returns (distinct prompts read, new to the store)."""
+    prompts = read_prompts(path)
+    return len(prompts), store.add_prompts(prompts)

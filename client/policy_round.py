@@ -4,9 +4,9 @@ Given the global policy adapter + value head, the frozen global reward model and
 the KL coefficient beta, the client (1) plans the noise that keeps its whole run
 within its epsilon budget, or declines, (2) charges the round's two mechanisms to its
 ledger *before* they run: the DP-SGD training and the statistics release, (3) samples
-the prompts it measures (Poisson) and measures the incoming policy on them, (4) runs
-``policy.iterations`` PPO iterations on Poisson samples of its prompts (or DPO steps on
-its comparisons), (5) measures the updated policy on the same prompts, and (6) returns
+the prompts it measures (Poisson) and measures the incoming policy on them, (4) trains the configured
+objective (:mod:`client.policy_objectives`: PPO iterations on Poisson samples of its
+prompts, or DPO steps on its comparisons), (5) measures the updated policy on the same prompts, and (6) returns
 the update (new - global) and the noised statistics (:mod:`common.dp_statistics`),
 both to be masked by SecAgg+. Training diagnostics (losses, entropy, clip fraction)
 stay in the client's log: they could not be made DP cheaply, so they are not sent.
@@ -21,21 +21,15 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from client.dpo_training import encode_dpo_batch, train_dpo
-from client.ppo_training import (
-    PPOSettings,
-    Rollouts,
-    SamplingSettings,
-    generate_rollouts,
-    ppo_update,
-)
+from client.policy_objectives import TrainingContext, poisson_sample, policy_objective
+from client.ppo_training import Rollouts, SamplingSettings, generate_rollouts
 from client.privacy_charges import Mechanism, begin_charges, release_statistics
 from client.reward_round import cached_reward_model, last_training_noise, round_seed
 from client.reward_training import DPSettings, OptimizerSettings
 from client.round_timeline import timed
 from client.store import PreferenceStore
 from common.config import ModelConfig, PolicyConfig, RunConfig
-from common.dp_randomness import DPRandomness, dp_randomness
+from common.dp_randomness import dp_randomness
 from common.dp_statistics import (
     STATISTICS,
     future_statistics,
@@ -93,11 +87,6 @@ NO_ROWS = np.zeros((0, len(POLICY_STATS.fields)))
 def _pop(charges: list[int]) -> int | None:
     """The next charge begun for this round, in the order its mechanisms run."""
     return charges.pop(0) if charges else None
-
-
-def poisson_sample(items: list[str], rate: float, randomness: DPRandomness) -> list[str]:
-    keep = randomness.poisson_mask(len(items), rate)
-    return [item for item, k in zip(items, keep.tolist(), strict=True) if k]
 
 
 def policy_round(
@@ -161,21 +150,17 @@ def policy_round(
         )
         return pack_update({}, [], stats, config.federation.secagg_clipping_range)
 
-    if pc.objective == "ppo":
-        units, unit = len(prompts), "prompt"
-    else:
-        comparisons = store.comparisons("train", config.reward.heldout_fraction)
-        if not comparisons:
-            raise ValueError(f"{where}: the store {store.path} holds no training comparisons")
-        units, unit = len(comparisons), "comparison"
-    rate = min(1.0, pc.batch_size / units)
+    objective = policy_objective(config, store, prompts, where)
+    rate = min(1.0, pc.batch_size / objective.units)
 
     dp = None
     if config.privacy.enabled:
         with timed("plan noise"):
             coming = future_statistics(config, instruction, len(prompts))
-            dp, event = _plan_noise(config, [*spent, *coming], rate, store, instruction)
-        mechanisms.insert(0, Mechanism(event, "training", unit))
+            dp, event = _plan_noise(
+                config, [*spent, *coming], rate, objective.steps_per_unit, store, instruction
+            )
+        mechanisms.insert(0, Mechanism(event, "training", objective.unit))
     charges, epsilon_after = (
         begin_charges(store, run_id, instruction, config, mechanisms)
         if mechanisms
@@ -183,57 +168,12 @@ def policy_round(
     )
     before = measure(round_seed(instruction, store, "measure before"))
 
-    # DPO does not use the value head: Opacus would wait for its per-sample gradients.
-    train_only(policy, POLICY_ADAPTER, ("value_head.",) if pc.objective == "ppo" else ())
+    train_only(policy, POLICY_ADAPTER, objective.trained_heads)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = OptimizerSettings.of(pc).build(params)
-    if pc.objective == "ppo":
-        settings = PPOSettings.of(pc)
-        ppo_stats = []
-        prompt_sampling = dp_randomness(dp.secure, torch.device("cpu"), seed) if dp else None
-        generator = torch.Generator().manual_seed(seed)
-        for iteration in range(pc.iterations):
-            if prompt_sampling is not None:
-                batch = poisson_sample(prompts, rate, prompt_sampling)
-            else:
-                pick = torch.randperm(len(prompts), generator=generator)[: pc.batch_size]
-                batch = [prompts[i] for i in pick.tolist()]
-            with timed("generate"):
-                rollouts = generate_rollouts(
-                    policy, tokenizer, batch, score_fn, sampling, seed + 1 + iteration
-                )
-            with timed("train"):
-                ppo_stats.append(
-                    ppo_update(
-                        policy,
-                        rollouts,
-                        instruction.beta,
-                        settings,
-                        optimizer,
-                        dp=dp,
-                        expected_batch_size=pc.batch_size,
-                        seed=seed + 101 + iteration,
-                    )  # fmt: skip
-                )
-        loss_text = (
-            f"policy loss {np.mean([s.policy_loss for s in ppo_stats]):.4f}, "
-            f"entropy {np.mean([s.entropy for s in ppo_stats]):.3f}, "
-            f"clip fraction {np.mean([s.clip_fraction for s in ppo_stats]):.3f}"
-        )
-    else:
-        batch = encode_dpo_batch(
-            tokenizer,
-            [c.prompt for c in comparisons],
-            [c.chosen for c in comparisons],
-            [c.rejected for c in comparisons],
-            config.model.max_length,
-        )
-        with timed("train"):
-            dpo = train_dpo(
-                policy, batch, steps=pc.iterations, batch_size=pc.batch_size,
-                beta=instruction.beta, optimizer=optimizer, dp=dp, seed=seed + 101,
-            )  # fmt: skip
-        loss_text = f"DPO loss {dpo.mean_loss:.4f}"
+    loss_text = objective.train(
+        TrainingContext(policy, tokenizer, score_fn, optimizer, dp, instruction.beta, seed)
+    )
     if dp is not None:
         store.commit_charge(_pop(charges), pc.iterations)
     after = measure(round_seed(instruction, store, "measure after"))
@@ -257,17 +197,17 @@ def _plan_noise(
     config: RunConfig,
     spent: list[DPEvent],
     rate: float,
+    repeats: int,
     store: PreferenceStore,
     instruction: RoundInstruction,
 ) -> tuple[DPSettings, DPEvent]:
     """Noise for this round, calibrated so that it and the policy rounds still planned
     fit the whole budget after everything already spent (the reward phase included).
 
-    PPO: each iteration is one Poisson sample of prompts, and each rollout enters
-    ``ppo_epochs`` noisy steps (:func:`dp_event_per_iteration`); DPO: one step each.
+    Each iteration is one Poisson sample of units, each entering ``repeats`` noisy
+    steps (PPO's epochs, :func:`client.ppo_training.dp_event_per_iteration`).
     """
     pc: PolicyConfig = config.policy
-    repeats = pc.ppo_epochs if pc.objective == "ppo" else 1
     previous = last_training_noise(store, "policy")
     remaining = instruction.rounds - instruction.round + 1
     try:

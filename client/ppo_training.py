@@ -6,18 +6,26 @@ An iteration, every step named (the math is in :mod:`common.ppo`):
    (temperature, top-p, max new tokens; a response ends at the first EOS), score
    each with the reward function, and record the policy's log-probabilities and
    values and the reference's log-probabilities (adapters off), all without grad.
-2. **Rewards and advantages.** Per-token KL penalty ``-beta * kl`` plus the score on
-   the last token (minus a penalty if the response never ended); GAE; whitening.
-3. **Updates.** ``ppo_epochs`` passes over random minibatches: clipped surrogate +
-   ``value_coef`` * clipped value loss. Without DP, stop early once the approximate
-   KL between the new and the rollout policy passes ``target_approx_kl``.
+2. **Rewards and advantages.** ``advantage="gae"``: per-token KL penalty
+   ``-beta * kl`` plus the score on the last token (minus a penalty if the response
+   never ended), GAE on the value head, whitening. ``"rloo"`` / ``"grpo"``: each
+   prompt has ``samples_per_prompt`` responses, one reward per response (score, EOS
+   penalty, ``-beta`` x its summed KL), baselined by the prompt's other responses;
+   no value head. With ``kl_penalty="loss"`` the KL leaves the reward and enters the
+   loss as GRPO's per-token k3 term instead.
+3. **Updates.** ``ppo_epochs`` passes over random minibatches of prompts: clipped
+   surrogate (+ ``value_coef`` * clipped value loss for GAE, + ``beta`` * KL term).
+   Without DP, stop early once the approximate KL between the new and the rollout
+   policy passes ``target_approx_kl``.
 
-With DP, one prompt's rollout is the privacy unit: the loss is a mean over rollouts
-of each rollout's own token mean, Opacus computes one gradient per rollout, clips
-and noises it. Each rollout enters ``ppo_epochs`` noisy steps per iteration, which
-compose into one Gaussian mechanism with noise multiplier ``sigma / sqrt(ppo_epochs)``
-on a Poisson sample of the prompts (see :func:`dp_event_per_iteration`). Early stop
-would read private data, so it is off under DP.
+With DP, one prompt with all its responses is the privacy unit: the loss is a mean
+over responses of each response's own token mean, Opacus computes one gradient per
+response, and :func:`group_grad_samples` averages those of a prompt's responses into
+one before it is clipped and noised. Each prompt enters ``ppo_epochs`` noisy steps per
+iteration, which compose into one Gaussian mechanism with noise multiplier
+``sigma / sqrt(ppo_epochs)`` on a Poisson sample of the prompts (see
+:func:`dp_event_per_iteration`). Early stop would read private data, so it is off
+under DP.
 """
 
 from __future__ import annotations
@@ -41,9 +49,12 @@ from common.ppo import (
     clipped_value_loss,
     entropy,
     gae,
+    group_advantages,
+    kl_loss,
     kl_per_token,
     masked_mean,
     masked_whiten,
+    sequence_rewards,
     shaped_rewards,
 )
 from common.privacy import DPEvent
@@ -76,10 +87,57 @@ class PPOSettings:
     target_approx_kl: float = 0.1
     missing_eos_penalty: float = 1.0
     whiten_advantages: bool = True
+    advantage: str = "gae"
+    samples_per_prompt: int = 1
+    kl_penalty: str = "reward"
 
     @classmethod
     def of(cls, config: PolicyConfig) -> PPOSettings:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage != "gae"
+
+
+def repeat_prompts(prompts: Sequence[str], k: int) -> list[str]:
+    """Each prompt ``k`` times in a row: the layout of a batch of response groups."""
+    return [p for p in prompts for _ in range(k)]
+
+
+def group_rows(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """The rows of the response groups ``groups`` (groups are ``k`` contiguous rows)."""
+    return (groups.unsqueeze(1) * k + torch.arange(k)).reshape(-1)
+
+
+def group_grad_samples(params: Sequence[torch.nn.Parameter], k: int) -> None:
+    """Replace Opacus's per-response gradients by per-prompt ones: the mean over each
+    group of ``k`` contiguous rows, the gradient of the group's mean loss (Opacus's
+    per-sample gradient of a mean-reduced loss is that sample's own loss gradient)."""
+    if k == 1:
+        return
+    for p in params:
+        gs = p.grad_sample
+        p.grad_sample = gs.view(-1, k, *gs.shape[1:]).mean(dim=1)
+
+
+def advantages_of(
+    rollouts: Rollouts, kl: torch.Tensor, beta: float, settings: PPOSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 2: per-token advantages, and the value targets (``None`` if critic-free)."""
+    r = rollouts
+    reward_beta = beta if settings.kl_penalty == "reward" else 0.0
+    if settings.critic_free:
+        rewards = sequence_rewards(r.scores, kl, r.ended, reward_beta, settings.missing_eos_penalty)
+        per_response = group_advantages(rewards, settings.samples_per_prompt, settings.advantage)
+        return per_response.unsqueeze(1) * r.response_mask, None
+    rewards = shaped_rewards(
+        r.scores, kl, r.response_mask, r.ended, reward_beta, settings.missing_eos_penalty
+    )
+    advantages, returns = gae(rewards, r.values_old, r.response_mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages and len(r) > 1:
+        advantages = masked_whiten(advantages, r.response_mask)
+    return advantages, returns
 
 
 @dataclass
@@ -228,15 +286,14 @@ def ppo_update(
     expected_batch_size: float | None = None,
     seed: int = 0,
 ) -> PPOStats:
-    """Steps 2 and 3 on one batch of rollouts (possibly empty under DP)."""
+    """Steps 2 and 3 on one batch of rollouts (possibly empty under DP), whose
+    response groups (``samples_per_prompt`` rows each) are contiguous."""
     r = rollouts
+    k = settings.samples_per_prompt
+    if len(r) % k:
+        raise ValueError(f"{len(r)} rollouts are not groups of {k} responses per prompt")
     kl = kl_per_token(r.logp_old, r.logp_ref, settings.kl_estimator) * r.response_mask
-    rewards = shaped_rewards(
-        r.scores, kl, r.response_mask, r.ended, beta, settings.missing_eos_penalty
-    )
-    advantages, returns = gae(rewards, r.values_old, r.response_mask, settings.gamma, settings.lam)
-    if settings.whiten_advantages and len(r) > 1:
-        advantages = masked_whiten(advantages, r.response_mask)
+    advantages, returns = advantages_of(r, kl, beta, settings)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     model: torch.nn.Module = policy
@@ -260,13 +317,14 @@ def ppo_update(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(settings.ppo_epochs):
-                order = torch.randperm(len(r), generator=generator)
-                for rows in order.tensor_split(settings.minibatches):
+                order = torch.randperm(len(r) // k, generator=generator)
+                for groups in order.tensor_split(settings.minibatches):
                     step_optimizer.zero_grad(set_to_none=True)
                     steps += 1
-                    if len(rows) == 0:  # an empty Poisson sample still takes a noise step
+                    if len(groups) == 0:  # an empty Poisson sample still takes a noise step
                         noise_only_step(step_optimizer, params)
                         continue
+                    rows = group_rows(groups, k)
                     mb = r.select(rows)
                     logits, values = model(mb.ids, mb.mask, mb.positions)
                     logp = token_logprobs(logits, mb.ids)
@@ -274,11 +332,19 @@ def ppo_update(
                         logp, mb.logp_old, advantages[rows], mb.response_mask,
                         settings.clip_range, per_sequence=True,
                     )  # fmt: skip
-                    vl = clipped_value_loss(
-                        values[:, :-1], mb.values_old, returns[rows], mb.response_mask,
-                        settings.value_clip_range, per_sequence=True,
-                    )  # fmt: skip
-                    (pl.loss + settings.value_coef * vl).backward()
+                    loss = pl.loss
+                    vl = torch.zeros(())
+                    if returns is not None:
+                        vl = clipped_value_loss(
+                            values[:, :-1], mb.values_old, returns[rows], mb.response_mask,
+                            settings.value_clip_range, per_sequence=True,
+                        )  # fmt: skip
+                        loss = loss + settings.value_coef * vl
+                    if settings.kl_penalty == "loss":
+                        loss = loss + beta * kl_loss(logp, mb.logp_ref, mb.response_mask)
+                    loss.backward()
+                    if dp is not None:
+                        group_grad_samples(params, k)
                     step_optimizer.step()
                     with torch.no_grad():
                         ent = entropy(logits[:, :-1], mb.response_mask)

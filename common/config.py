@@ -164,6 +164,18 @@ class PolicyConfig:
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response cut off at max-new-tokens."""
     whiten_advantages: bool = True
+    """Whiten GAE's advantages over the batch (the critic-free ones are centred by
+    their group baseline already)."""
+    advantage: str = "gae"
+    """PPO's advantage estimator: ``gae`` (a value head), or critic-free ``rloo``
+    (baseline: the mean reward of the prompt's other responses) or ``grpo`` (the
+    group's mean and std). Critic-free estimators need ``samples-per-prompt >= 2``."""
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt of a PPO batch. All of a prompt's responses
+    form one privacy unit: their gradients are averaged before clipping."""
+    kl_penalty: str = "reward"
+    """Where beta * KL(policy || reference) enters PPO: ``reward`` (a per-token penalty
+    on the reward) or ``loss`` (GRPO's per-token k3 term in the loss)."""
     dpo_beta: float = 1.5
     """DPO's initial (or fixed) beta. DPO optimizes the same KL-regularized objective as
     PPO (optimum ``pi_ref * exp(r / beta)``, r the annotators' Bradley-Terry reward), so
@@ -354,6 +366,19 @@ class RunConfig:
             (self.policy.temperature > 0, "policy.temperature must be > 0"),
             (0 < self.policy.top_p <= 1, "policy.top-p must be in (0, 1]"),
             (self.policy.kl_estimator in ("k1", "k3"), "policy.kl-estimator must be 'k1' or 'k3'"),
+            (
+                self.policy.advantage in ("gae", "rloo", "grpo"),
+                "policy.advantage must be 'gae', 'rloo' or 'grpo'",
+            ),
+            (self.policy.samples_per_prompt >= 1, "policy.samples-per-prompt must be >= 1"),
+            (
+                self.policy.advantage == "gae" or self.policy.samples_per_prompt >= 2,
+                "policy.advantage 'rloo' and 'grpo' need policy.samples-per-prompt >= 2",
+            ),
+            (
+                self.policy.kl_penalty in ("reward", "loss"),
+                "policy.kl-penalty must be 'reward' or 'loss'",
+            ),
             (
                 self.policy.kl_control in ("adaptive", "fixed"),
                 "policy.kl-control must be 'adaptive' or 'fixed'",

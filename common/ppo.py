@@ -17,6 +17,13 @@ from dataclasses import dataclass
 import torch
 
 KL_ESTIMATORS = ("k1", "k3")
+ADVANTAGES = ("gae", "rloo", "grpo")
+"""``gae``: a learned value head (PPO). ``rloo`` and ``grpo``: critic-free, the baseline
+of a response is the other responses to the same prompt."""
+KL_PENALTIES = ("reward", "loss")
+"""Where beta * KL enters: subtracted from the reward (Ziegler et al., PPO, RLOO), or
+added to the loss as a per-token k3 term (GRPO, Shao et al. 2024)."""
+GRPO_STD_EPS = 1e-4
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,6 +110,57 @@ def gae(
         next_value = torch.where(m > 0, values[:, t], next_value)
         next_advantage = torch.where(m > 0, advantage, next_advantage)
     return advantages, (advantages + values) * mask
+
+
+def sequence_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    ended: torch.Tensor,
+    beta: float,
+    missing_eos_penalty: float,
+) -> torch.Tensor:
+    """One reward per response for the critic-free estimators: the score, less the
+    missing-EOS penalty, less ``beta`` times the response's summed per-token KL (pass
+    ``beta=0`` when the KL is a loss term instead)."""
+    return scores - missing_eos_penalty * (~ended).float() - beta * kl.sum(dim=1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each of a
+    prompt's ``k`` responses is baselined by the mean reward of the other ``k - 1``.
+    ``rewards`` holds the groups contiguously: ``[g0 r0, g0 r1, ..., g1 r0, ...]``."""
+    if k < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt, got {k}")
+    grouped = rewards.view(-1, k)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - others).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = GRPO_STD_EPS) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024): ``(r - mean) / (std + eps)``
+    over a prompt's ``k`` responses (unbiased std, as TRL's GRPO). Groups contiguous."""
+    if k < 2:
+        raise ValueError(f"GRPO needs at least 2 samples per prompt, got {k}")
+    grouped = rewards.view(-1, k)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def group_advantages(rewards: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """The critic-free estimator named ``estimator`` (``rloo`` or ``grpo``)."""
+    if estimator == "rloo":
+        return rloo_advantages(rewards, k)
+    if estimator == "grpo":
+        return grpo_advantages(rewards, k)
+    raise ValueError(f"group advantages are 'rloo' or 'grpo', got {estimator!r}")
+
+
+def kl_loss(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL term: per-token k3 of the policy being trained to the reference,
+    each response's token mean, then the mean over responses (its gradient flows
+    through ``logp``)."""
+    return sequence_mean(kl_per_token(logp, logp_ref, "k3"), mask)
 
 
 @dataclass(frozen=True)

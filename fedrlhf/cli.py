@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-from client.importers import ImportFileError, import_file
+from client.importers import ImportFileError, import_file, import_prompts
 from client.store import PreferenceStore, StoreError
 from common.config import ConfigError, RunConfig
 from common.operator_logging import configure_operator_logging
@@ -96,6 +96,15 @@ def _import(args: argparse.Namespace) -> int:
             print(
                 f"{path}: {report.comparisons} comparisons, {report.added} added, {report.duplicates} already present"
             )
+    return 0
+
+
+def _import_prompts(args: argparse.Namespace) -> int:
+    with PreferenceStore(args.store) as store:
+        for path in args.files:
+            read, added = import_prompts(store, path)
+            print(f"{path}: {read} prompts, {added} added, {read - added} already present")
+        print(f"{args.store}: {store.counts()['prompts']} prompts in the pool")
     return 0
 
 
@@ -281,6 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Parquet, CSV, or a Dataset.save_to_disk folder",
     )
     imp.set_defaults(func=_import)
+
+    prompts = sub.add_parser(
+        "import-prompts",
+        help="import unlabeled prompts (the policy phase's pool) into a local store",
+    )
+    prompts.add_argument(
+        "--store", required=True, help="the organization's SQLite store (created if missing)"
+    )
+    prompts.add_argument(
+        "files",
+        nargs="+",
+        help="one prompt per line (.txt), or rows with a 'prompt' field (text or messages): "
+        "JSONL, JSON, Parquet, CSV, or a Dataset.save_to_disk folder",
+    )
+    prompts.set_defaults(func=_import_prompts)
 
     info = sub.add_parser("store-info", help="counts and privacy spent in a local store")
     info.add_argument("--store", required=True)

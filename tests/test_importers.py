@@ -194,3 +194,22 @@ def test_prompts_from_text_and_jsonl_files(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt"}])
     with pytest.raises(ImportFileError, match=r"bad.jsonl:2: missing field 'prompt'"):
         read_prompts(bad)
+
+
+def test_import_prompts_command_adds_a_pool_and_refuses_a_bad_line_by_number(tmp_path, capsys):
+    from fedrlhf.cli import main
+
+    store_path = tmp_path / "org.sqlite"
+    (tmp_path / "pool.txt").write_text("How do I cook rice?\nAny tips for a run?\n")
+    assert main(["import-prompts", "--store", str(store_path), str(tmp_path / "pool.txt")]) == 0
+    assert "2 prompts, 2 added" in capsys.readouterr().out
+    with PreferenceStore(store_path) as store:
+        before = store.snapshot()
+        assert set(store.prompts()) == {"How do I cook rice?", "Any tips for a run?"}
+
+    bad = tmp_path / "more.jsonl"
+    bad.write_text('{"prompt": "Budget advice?"}\n{"prompt": "Rice?"}\n{"prompt": ""}\n')
+    assert main(["import-prompts", "--store", str(store_path), str(bad)]) == 2
+    assert f"{bad}:3: field 'prompt' is empty" in capsys.readouterr().err
+    with PreferenceStore(store_path) as store:
+        assert store.snapshot() == before  # nothing of the bad file was written

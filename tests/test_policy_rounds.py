@@ -110,6 +110,34 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
         assert len({e.event.noise_multiplier for e in ledger if e.mechanism == "statistics"}) == 1
 
 
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_rounds_train_the_adapter_and_leave_the_value_head(
+    tiny_base_dir, tmp_path, advantage
+):
+    driver, state, _, stores = run_policy(
+        tiny_base_dir,
+        tmp_path,
+        advantage,
+        **{
+            "policy.advantage": advantage,
+            "policy.samples-per-prompt": 2,
+            "policy.kl-penalty": "loss" if advantage == "grpo" else "reward",
+            "policy.rounds": 1,
+            "policy.batch-size": 4,
+        },
+    )
+    assert [h["update_norm"] > 0 for h in state.history if h["task"] == "train"] == [True, True]
+    run = RunDirectory(driver.config.run_dir)
+    start = run.load(run.checkpoints / "policy-round-0000").policy
+    final = run.load(run.checkpoints / "policy-round-0001").policy
+    for name in start:
+        assert torch.equal(start[name], final[name]) == name.startswith("value."), name
+    for node_config in stores.values():
+        with PreferenceStore(node_config["store"]) as store:
+            units = [(e.phase, e.mechanism, e.unit) for e in store.ledger()]
+        assert ("policy", "training", "prompt") in units
+
+
 def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(tiny_base_dir, tmp_path):
     driver, state, _, _ = run_policy(
         tiny_base_dir,

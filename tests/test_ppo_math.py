@@ -13,8 +13,12 @@ from common.ppo import (
     clipped_value_loss,
     entropy,
     gae,
+    grpo_advantages,
+    kl_loss,
     kl_per_token,
     masked_whiten,
+    rloo_advantages,
+    sequence_rewards,
     shaped_rewards,
 )
 from server.kl_controller import AdaptiveKLController, FixedKLController
@@ -55,6 +59,44 @@ def test_gae_by_hand_with_padding():
     # row 1: the last token is t=1: d1 = 1 - 2 = -1; A0 = 0.5 + 0.9*2 - 1 + 0.72*(-1) = 0.58
     torch.testing.assert_close(advantages, T([[1.9112, 0.71, 0.5], [0.58, -1.0, 0.0]]))
     torch.testing.assert_close(returns, T([[2.4112, 1.71, 2.0], [1.58, 1.0, 0.0]]))
+
+
+def test_sequence_rewards_subtract_the_eos_penalty_and_the_summed_kl():
+    kl = T([[0.1, 0.2, 0.0], [0.5, 0.0, 0.0]])
+    rewards = sequence_rewards(T([1.0, 2.0]), kl, T([True, False]), beta=0.5, missing_eos_penalty=1)
+    # 1 - 0.5 * 0.3 = 0.85; 2 - 1 - 0.5 * 0.5 = 0.75
+    torch.testing.assert_close(rewards, T([0.85, 0.75]))
+
+
+def test_rloo_baselines_each_response_by_the_others_of_its_prompt():
+    # Prompt 1: rewards 1, 2, 6 -> 1 - 4 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5.
+    # Prompt 2: rewards 0, 0, 3 -> 0 - 1.5, 0 - 1.5, 3 - 0.
+    advantages = rloo_advantages(T([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), k=3)
+    torch.testing.assert_close(advantages, T([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(T([1.0]), k=1)
+
+
+def test_grpo_normalizes_by_the_group_mean_and_std():
+    # Prompt 1: 1, 2, 6: mean 3, unbiased std sqrt((4 + 1 + 9) / 2) = sqrt(7) = 2.645751.
+    # Prompt 2: 5, 5: std 0, so both advantages are 0 (eps keeps it finite).
+    advantages = grpo_advantages(T([1.0, 2.0, 6.0]), k=3)
+    s = math.sqrt(7) + 1e-4
+    torch.testing.assert_close(advantages, T([-2 / s, -1 / s, 3 / s]))
+    torch.testing.assert_close(grpo_advantages(T([5.0, 5.0]), k=2), T([0.0, 0.0]))
+
+
+def test_kl_loss_is_the_mean_per_response_token_k3_and_pulls_towards_the_reference():
+    logp = T([[-1.0, -2.0], [-1.0, 0.0]], requires_grad=True)
+    logp_ref = T([[-1.5, -2.0], [-1.0, 0.0]])
+    mask = T([[1.0, 1.0], [1.0, 0.0]])
+    # Response 1: k3 = e^-0.5 - 1 + 0.5 = 0.106531 and 0 -> mean 0.053265; response 2: 0.
+    loss = kl_loss(logp, logp_ref, mask)
+    assert loss.item() == pytest.approx(0.106531 / 4, abs=1e-6)
+    loss.backward()
+    # d k3 / d logp = 1 - exp(logp_ref - logp) = 1 - e^-0.5 > 0: lowering logp lowers it.
+    assert logp.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 4, abs=1e-6)
+    assert logp.grad[1, 1].item() == 0.0
 
 
 def test_whitening_ignores_padding():

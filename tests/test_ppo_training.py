@@ -11,7 +11,9 @@ from client.ppo_training import (
     SamplingSettings,
     dp_event_per_iteration,
     generate_rollouts,
+    group_grad_samples,
     ppo_update,
+    repeat_prompts,
 )
 from client.reward_training import DPSettings
 from common.config import ModelConfig
@@ -89,6 +91,81 @@ def test_one_gradient_per_rollout_equal_to_one_at_a_time(policy_and_tokenizer):
     policy.eval()
 
 
+def test_one_gradient_per_prompt_group_equal_to_one_group_at_a_time(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    k = 3
+    r = generate_rollouts(
+        policy, tokenizer, repeat_prompts(PROMPTS, k), letter_score,
+        SamplingSettings(max_new_tokens=6), seed=2,
+    )  # fmt: skip
+    advantages = torch.randn(len(r)).unsqueeze(1) * r.response_mask
+    params = [p for n, p in policy.named_parameters() if ".policy." in n]
+
+    def loss_of(model, rows):
+        logits, _ = model(r.ids[rows], r.mask[rows], r.positions[rows])
+        return clipped_policy_loss(
+            token_logprobs(logits, r.ids[rows]), r.logp_old[rows], advantages[rows],
+            r.response_mask[rows], 0.2, per_sequence=True,
+        ).loss  # fmt: skip
+
+    policy.train()
+    wrapped = GradSampleModule(policy, loss_reduction="mean")
+    loss_of(wrapped, torch.arange(len(r))).backward()
+    group_grad_samples(params, k)
+    per_group = [p.grad_sample.detach().clone() for p in params]
+    wrapped._close()
+    for p in params:
+        p.grad = None
+    assert all(g.shape[0] == len(PROMPTS) for g in per_group)
+    for g in range(len(PROMPTS)):
+        # One group alone: the gradient of its responses' mean loss.
+        grads = torch.autograd.grad(loss_of(policy, torch.arange(g * k, (g + 1) * k)), params)
+        for single, rows in zip(grads, per_group, strict=True):
+            torch.testing.assert_close(rows[g], single, rtol=1e-4, atol=1e-6)
+    policy.eval()
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_dp_step_without_noise_or_clipping_is_the_plain_group_step(policy_and_tokenizer, advantage):
+    """Through the real ppo_update: with the noise at 0 and a clip no gradient reaches,
+    the DP step (clipped per prompt group, summed, divided by the groups) is the plain
+    step, so the groups are formed and weighed right."""
+    policy, tokenizer = policy_and_tokenizer
+    policy.value_head.requires_grad_(False)  # critic-free: the policy round freezes it
+    with torch.no_grad():  # off the reference, so that LoRA's A gets gradients too
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    k = 2
+    settings = PPOSettings(
+        ppo_epochs=1, advantage=advantage, samples_per_prompt=k, kl_penalty="loss"
+    )
+    rollouts = generate_rollouts(
+        policy, tokenizer, repeat_prompts(PROMPTS, k), letter_score,
+        SamplingSettings(max_new_tokens=6), seed=3,
+    )  # fmt: skip
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in params.items()}
+    after = []
+    for dp in (None, DPSettings(noise_multiplier=0.0, max_grad_norm=1e6)):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(start[n])
+        optimizer = torch.optim.SGD(list(params.values()), lr=0.5)
+        ppo_update(
+            policy, rollouts, 0.1, settings, optimizer, dp=dp,
+            expected_batch_size=len(PROMPTS), seed=0,
+        )  # fmt: skip
+        after.append({n: p.detach().clone() for n, p in params.items()})
+    for n in params:
+        torch.testing.assert_close(after[1][n], after[0][n], rtol=1e-4, atol=1e-7)
+        assert not torch.equal(after[0][n], start[n]), n
+
+
 def test_ppo_epochs_on_one_sample_compose_into_one_gaussian():
     # Without subsampling the Gaussian's RDP is exact: k steps at sigma = one at sigma/sqrt(k).
     dp = DPSettings(noise_multiplier=2.0, max_grad_norm=1.0)
@@ -117,6 +194,26 @@ def test_a_short_ppo_run_raises_the_reward(policy_and_tokenizer):
         )  # fmt: skip
         assert stats.steps >= 1
     after = sum(mean_score(2000 + k)[0] for k in range(3)) / 3
+    assert after > before + 0.15, (before, after)
+
+
+def test_a_short_rloo_run_raises_the_reward(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    sampling = SamplingSettings(max_new_tokens=8)
+    settings = PPOSettings(ppo_epochs=2, advantage="rloo", samples_per_prompt=4)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+
+    def mean_score(prompts, seed):
+        rollouts = generate_rollouts(policy, tokenizer, prompts, letter_score, sampling, seed)
+        return float(rollouts.scores.mean()), rollouts
+
+    before = mean_score(PROMPTS * 8, 1000)[0]
+    for iteration in range(15):
+        _, rollouts = mean_score(repeat_prompts(PROMPTS * 2, 4), iteration)
+        ppo_update(
+            policy, rollouts, beta=0.01, settings=settings, optimizer=optimizer, seed=iteration
+        )
+    after = sum(mean_score(PROMPTS * 8, 2000 + k)[0] for k in range(3)) / 3
     assert after > before + 0.15, (before, after)
 
 

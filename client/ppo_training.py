@@ -192,6 +192,17 @@ def left_padded_prompts(
     return ids.to(device), mask.to(device)
 
 
+def _no_rollouts(device: torch.device) -> Rollouts:
+    def empty(*shape: int, dtype: torch.dtype = torch.float) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    ids = empty(0, 2, dtype=torch.long)  # one prompt and one response column, no rows
+    return Rollouts(
+        [], [], ids, ids.clone(), ids.clone(), empty(0, 1), empty(0, dtype=torch.bool),
+        empty(0), empty(0, 1), empty(0, 1), empty(0, 1),
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def generate_rollouts(
     policy: PolicyModel,
@@ -205,7 +216,10 @@ def generate_rollouts(
     """Step 1: sample, cut at EOS, score, and record old/reference log-probs and values.
 
     ``reference`` samples from the reference (adapters off) instead, for evaluation.
+    No prompts (an empty Poisson sample) give no rollouts.
     """
+    if not prompts:
+        return _no_rollouts(policy.device)
     input_ids, attention_mask = left_padded_prompts(tokenizer, prompts, policy.device)
     torch.manual_seed(seed)
     out = policy.generate(

@@ -234,7 +234,10 @@ def test_dp_ppo_moves_every_policy_tensor_and_handles_an_empty_sample(policy_and
     for name, p in params.items():
         assert torch.isfinite(p).all() and not torch.equal(p, before[name]), name
     # A Poisson sample with no prompt in it still takes its noise steps.
-    empty = rollouts.select(torch.tensor([], dtype=torch.long))
+    empty = generate_rollouts(
+        policy, tokenizer, [], letter_score, SamplingSettings(max_new_tokens=6), seed=0
+    )
+    assert len(empty) == 0
     moved = {n: p.detach().clone() for n, p in params.items()}
     stats = ppo_update(
         policy, empty, 0.05, PPOSettings(ppo_epochs=2, minibatches=1), optimizer,

@@ -184,6 +184,13 @@ class PolicyConfig:
     policy settles), and the learning rate alone the step size."""
 
     @property
+    def method(self) -> str:
+        """The method's name in reports: ``dpo``, ``ppo`` (GAE), ``rloo`` or ``grpo``."""
+        if self.objective == "dpo":
+            return "dpo"
+        return "ppo" if self.advantage == "gae" else self.advantage
+
+    @property
     def initial_beta(self) -> float:
         """The KL coefficient of the first policy round, for this objective."""
         return self.dpo_beta if self.objective == "dpo" else self.beta

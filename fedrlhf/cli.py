@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--compare-objectives",
         action="store_true",
-        help="also run the other policy objective (PPO or DPO) on the same world and budget",
+        help="also run every other policy method (DPO, PPO, RLOO, GRPO) on the same world and budget",
     )
     sim.add_argument("--strict", action="store_true", help="exit 1 if any target check fails")
     sim.set_defaults(func=_simulate)

@@ -27,7 +27,15 @@ from common.policy_model import add_policy
 from common.ppo import kl_per_token
 from server.checkpoints import RunDirectory
 from simulations.figures import plt, save_figure
+from simulations.kl_frontier import (
+    FRONTIER_SAMPLES,
+    Frontier,
+    reference_utilities,
+    tilted_frontier,
+)
 
+KL_OPTIMAL_SHARE = 0.8
+"""The policy phase's target: this share of the best gain possible at its final KL."""
 EVAL_SAMPLES_PER_PROMPT = 2
 EVAL_SEED = 12345
 """Every checkpoint samples with the same seed: differences are the policy's."""
@@ -35,6 +43,13 @@ EVAL_SEED = 12345
 
 UtilityFn = Callable[[str, str], float]
 """(prompt, response) -> the hidden true utility (the synthetic world only)."""
+
+
+def _evaluation_models(config: RunConfig):  # noqa: ANN202
+    """(reward model, policy, tokenizer) on one base, as the run built them."""
+    base, tokenizer = load_base(config.model.base, seed=config.seed)
+    reward = build_reward_model(base, config.model, seed=config.seed)
+    return reward, add_policy(reward.lm, config.policy_model, seed=config.seed + 1), tokenizer
 
 
 def policy_rounds(
@@ -45,9 +60,7 @@ def policy_rounds(
     checkpoints = sorted(run.checkpoints.glob("policy-round-*"))
     if not checkpoints:
         return []
-    base, tokenizer = load_base(config.model.base, seed=config.seed)
-    reward = build_reward_model(base, config.model, seed=config.seed)
-    policy = add_policy(reward.lm, config.policy_model, seed=config.seed + 1)
+    reward, policy, tokenizer = _evaluation_models(config)
     prompts = prompts * EVAL_SAMPLES_PER_PROMPT
     sampling = SamplingSettings.of(config.policy)
     history = [
@@ -94,12 +107,24 @@ def policy_rounds(
     return rows
 
 
-def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def kl_optimal_frontier(
+    config: RunConfig, prompts: list[str], utility: UtilityFn, samples: int = FRONTIER_SAMPLES
+) -> Frontier:
+    """The world's KL-optimal frontier on the held-out prompts (:mod:`simulations.kl_frontier`)."""
+    _, policy, tokenizer = _evaluation_models(config)
+    sampling = SamplingSettings.of(config.policy)
+    utilities = reference_utilities(policy, tokenizer, prompts, utility, sampling, samples)
+    return tilted_frontier(utilities)
+
+
+def policy_summary(
+    config: RunConfig, rows: list[dict[str, Any]], frontier: Frontier | None = None
+) -> dict[str, Any]:
     """The headline figures and checks of the policy phase."""
     reference, final = rows[0], rows[-1]
     target = config.policy.kl_target
     summary: dict[str, Any] = {
-        "objective": config.policy.objective,
+        "objective": config.policy.method,
         "final_kl_to_reference": final["kl_to_reference"],
         "final_win_rate_vs_reference": final["win_rate_vs_reference"],
         "reference_reward_score": reference["reward_score_mean"],
@@ -125,6 +150,17 @@ def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, A
         )
         checks["final policy's true utility above the reference's"] = gain > 0
         checks["true utility gain >= 1 reference SD"] = margin >= 1.0
+        if frontier is not None:
+            best = frontier.gain_at(final["kl_to_reference"])
+            share = gain / best if best > 0 else 0.0
+            summary.update(
+                kl_optimal_gain_at_final_kl_in_sd=best / sd if sd > 0 else 0.0,
+                share_of_kl_optimal_gain=share,
+                kl_optimal_frontier=frontier.to_json(sd),
+            )
+            checks[
+                f"true utility gain >= {KL_OPTIMAL_SHARE:.0%} of the KL-optimal gain at its KL"
+            ] = share >= KL_OPTIMAL_SHARE
     else:
         checks["the federation's reward model prefers the final policy (win rate > 0.5)"] = (
             final["win_rate_vs_reference"] > 0.5
@@ -137,7 +173,9 @@ def policy_summary(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, A
     return summary
 
 
-def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) -> None:
+def plot_policy(
+    run_dir: Path, rows: list[dict[str, Any]], config: RunConfig, frontier: Frontier | None = None
+) -> None:
     rounds = [r["round"] for r in rows]
     truth = "true_utility_mean" in rows[0]
     mean = np.array([r["true_utility_mean" if truth else "reward_score_mean"] for r in rows])
@@ -152,7 +190,7 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
         top.fill_between(rounds, mean - sd, mean + sd, alpha=0.15, label="+-1 SD")
         top.axhline(mean[0] + sd[0], color="gray", linestyle=":", label="reference + 1 SD")
     top.set_ylabel(f"{what} (held-out prompts)")
-    top.set_title(f"Policy rounds ({config.policy.objective}): {what} and KL")
+    top.set_title(f"Policy rounds ({config.policy.method}): {what} and KL")
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
     bottom.plot(rounds, kl, marker="s", color="tab:orange", label="KL to reference")
@@ -166,9 +204,11 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
     save_figure(fig, run_dir / "policy_rounds.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot(kl, mean, marker="o")
+    ax.plot(kl, mean, marker="o", label=config.policy.method)
     for r, x, y in zip(rounds, kl, mean, strict=True):
         ax.annotate(str(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if frontier is not None:
+        _draw_frontier(ax, frontier, mean[0], max(kl))
     ax.set_xlabel("KL to reference (nats per response)")
     ax.set_ylabel(f"{what} (mean)")
     ax.set_title(f"{what.capitalize()} bought per nat of KL (labels: round)")
@@ -177,25 +217,33 @@ def plot_policy(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) ->
 
 
 def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
-    """True utility and KL per round of several runs' policy phases (PPO vs DPO)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    """Several runs' policy phases on the same world and budget: true utility against
+    KL (each round a point, the KL-optimal frontier beside them), and KL per round."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    reference = next(iter(reports.values()))
+    base = reference["reference_true_utility"]
+    kl_max = 0.0
     for name, report in reports.items():
         rows = report["rounds"]
-        rounds = [r["round"] for r in rows]
-        left.plot(rounds, [r["true_utility_mean"] for r in rows], marker="o", label=name)
-        right.plot(rounds, [r["kl_to_reference"] for r in rows], marker="s", label=name)
-    reference = next(iter(reports.values()))
+        kl = [r["kl_to_reference"] for r in rows]
+        kl_max = max(kl_max, *kl)
+        left.plot(kl, [r["true_utility_mean"] for r in rows], marker="o", label=name)
+        right.plot([r["round"] for r in rows], kl, marker="s", label=name)
+    if "kl_optimal_frontier" in reference:
+        points = reference["kl_optimal_frontier"]
+        frontier = Frontier(
+            np.array([p["kl"] for p in points]), np.array([p["gain"] for p in points])
+        )
+        _draw_frontier(left, frontier, base, kl_max)
     left.axhline(
-        reference["reference_true_utility"], color="black", linestyle="--", label="reference"
-    )
-    left.axhline(
-        reference["reference_true_utility"] + reference["reference_true_utility_sd"],
+        base + reference["reference_true_utility_sd"],
         color="gray",
         linestyle=":",
         label="reference + 1 SD",
     )
-    left.set_xlabel("policy round")
+    left.set_xlabel("KL to reference (nats per response)")
     left.set_ylabel("true utility (held-out prompts)")
+    right.axhline(reference["kl_target"], color="green", linestyle="--", label="KL target")
     right.set_xlabel("policy round")
     right.set_ylabel("KL to reference (nats per response)")
     for ax in (left, right):
@@ -205,13 +253,32 @@ def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
     save_figure(fig, path)
 
 
+def _draw_frontier(ax, frontier: Frontier, reference: float, kl_max: float) -> None:  # noqa: ANN001
+    """The KL-optimal frontier (reference tilted by exp(utility / t)) up to the KLs shown."""
+    keep = frontier.kl <= max(kl_max, 0.1) * 1.5
+    ax.plot(
+        frontier.kl[keep], reference + frontier.gain[keep], color="black", linestyle="--",
+        label="KL-optimal (reference tilted by exp(utility / t))",
+    )  # fmt: skip
+    ax.legend(fontsize=8)
+
+
 @torch.no_grad()
 def build_policy_report(
-    config: RunConfig, run_dir: Path, prompts: list[str], utility: UtilityFn | None = None
+    config: RunConfig,
+    run_dir: Path,
+    prompts: list[str],
+    utility: UtilityFn | None = None,
+    frontier_samples: int = FRONTIER_SAMPLES,
 ) -> dict[str, Any] | None:
     """The ``policy`` section of report.json (None when the run had no policy rounds)."""
     rows = policy_rounds(config, run_dir, prompts, utility)
     if not rows:
         return None
-    plot_policy(run_dir, rows, config)
-    return {**policy_summary(config, rows), "rounds": rows}
+    frontier = (
+        kl_optimal_frontier(config, prompts, utility, frontier_samples)
+        if utility is not None
+        else None
+    )
+    plot_policy(run_dir, rows, config, frontier)
+    return {**policy_summary(config, rows, frontier), "rounds": rows}

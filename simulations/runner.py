@@ -40,6 +40,7 @@ from simulations.baselines import (
     train_non_dp,
 )
 from simulations.flower_runtime import SimulationSuperLink
+from simulations.kl_frontier import FRONTIER_SAMPLES
 from simulations.policy_report import build_policy_report, plot_objectives
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
@@ -66,6 +67,8 @@ class SimulationOptions:
     """After the run, federate the other policy objective (PPO or DPO) on fresh copies
     of the same stores, with the same budget, and compare the two."""
     timeout: float = 3600.0
+    frontier_samples: int = FRONTIER_SAMPLES
+    """Reference responses per held-out prompt for the KL-optimal frontier."""
 
 
 def fill_stores(world: World, config: RunConfig, stores_dir: Path) -> list[Path]:
@@ -121,7 +124,11 @@ class WorldScenario:
 
     def policy_report(self, config: RunConfig, run_dir: Path) -> dict | None:
         return build_policy_report(
-            config, run_dir, heldout_prompts(), self.world.federation_utility
+            config,
+            run_dir,
+            heldout_prompts(),
+            self.world.federation_utility,
+            frontier_samples=self.options.frontier_samples,
         )
 
 
@@ -233,41 +240,71 @@ def federate(
         )
 
 
-PPO_COMPARISON = {
-    "policy.batch-size": 128,
+RL_SIZES = {
     "policy.iterations": 2,
     "policy.learning-rate": 0.05,
     "policy.max-grad-norm": 1.0,
 }
-"""PPO's own sizes for the comparison run, where the run's settings are DPO's: PPO
-prompts cost a generation each, and under DP few large steps are its best case."""
+"""The RL methods' own sizes where the run's settings are DPO's: each prompt costs
+generations, and under DP few large steps are their best case."""
+METHODS: dict[str, dict[str, bool | int | float | str]] = {
+    "dpo": {"policy.objective": "dpo"},
+    "ppo": {
+        **RL_SIZES,
+        "policy.objective": "ppo",
+        "policy.advantage": "gae",
+        "policy.samples-per-prompt": 1,
+        "policy.batch-size": 128,
+    },
+    "rloo": {
+        **RL_SIZES,
+        "policy.objective": "ppo",
+        "policy.advantage": "rloo",
+        "policy.samples-per-prompt": 4,
+        "policy.batch-size": 64,
+    },
+    "grpo": {
+        **RL_SIZES,
+        "policy.objective": "ppo",
+        "policy.advantage": "grpo",
+        "policy.samples-per-prompt": 4,
+        "policy.batch-size": 64,
+        "policy.kl-penalty": "loss",
+    },
+}
+"""What ``--compare-objectives`` runs besides the run's own method (``--set`` wins)."""
 
 
-def _run_other_objective(
+def _run_other_methods(
     scenario: Scenario,
     config: RunConfig,
     overrides: dict,
     run_dir: Path,
     options: SimulationOptions,
-) -> dict:
-    """The policy phase with the other objective, on fresh stores of the same world and
-    the same budget (reward rounds included, as PPO needs them)."""
-    other = "ppo" if config.policy.objective == "dpo" else "dpo"
-    other_dir = run_dir / other
-    other_overrides = {
-        **(PPO_COMPARISON if other == "ppo" else {}),
-        **overrides,
-        "run-dir": str(other_dir),
-        "client.store": str(other_dir / "stores" / "org-{partition-id}.sqlite"),
-        "policy.objective": other,
-    }
-    other_config = RunConfig().replace(**other_overrides)
-    scenario.fill_stores(other_config, other_dir)
-    clear_run(other_dir)
-    console.print(f"[bold]{other.upper()} on the same data[/bold] -> {other_dir}")
-    federate(other_config, other_overrides, other_dir, scenario.organizations, options.timeout)
-    with console.status(f"generating with every {other.upper()} round's policy"):
-        return scenario.policy_report(other_config, other_dir)
+) -> dict[str, dict]:
+    """The policy phase with every other method, each on fresh stores of the same world
+    and the same budget (reward rounds included, as the RL methods need them)."""
+    reports = {}
+    for method, settings in METHODS.items():
+        if method == config.policy.method:
+            continue
+        method_dir = run_dir / method
+        method_overrides = {
+            **settings,
+            **{k: v for k, v in overrides.items() if k not in settings},
+            "run-dir": str(method_dir),
+            "client.store": str(method_dir / "stores" / "org-{partition-id}.sqlite"),
+        }
+        method_config = RunConfig().replace(**method_overrides)
+        scenario.fill_stores(method_config, method_dir)
+        clear_run(method_dir)
+        console.print(f"[bold]{method.upper()} on the same data[/bold] -> {method_dir}")
+        federate(
+            method_config, method_overrides, method_dir, scenario.organizations, options.timeout
+        )
+        with console.status(f"generating with every {method.upper()} round's policy"):
+            reports[method] = scenario.policy_report(method_config, method_dir)
+    return reports
 
 
 def _progress_line(last: dict) -> str:
@@ -342,12 +379,11 @@ def run_simulation(options: SimulationOptions) -> dict:
     with _step(timings, "scoring policy checkpoints"), generating:
         report["policy"] = scenario.policy_report(config, run_dir)
     if options.compare_objectives and report["policy"]:
-        with _step(timings, "other objective"):
-            other = _run_other_objective(scenario, config, overrides, run_dir, options)
-        report["comparison"] = other
+        with _step(timings, "other methods"):
+            others = _run_other_methods(scenario, config, overrides, run_dir, options)
+        report["comparison"] = others
         plot_objectives(
-            run_dir / "ppo_vs_dpo.png",
-            {config.policy.objective: report["policy"], other["objective"]: other},
+            run_dir / "objectives.png", {config.policy.method: report["policy"], **others}
         )
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["step_seconds"] = timings
@@ -407,6 +443,12 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         table.add_row(
             "utility gain in reference SDs", f"{policy['utility_gain_in_reference_sd']:+.2f}"
         )
+        if "share_of_kl_optimal_gain" in policy:
+            table.add_row(
+                "KL-optimal gain at that KL (share reached)",
+                f"{policy['kl_optimal_gain_at_final_kl_in_sd']:+.2f} SD "
+                f"({policy['share_of_kl_optimal_gain']:.0%})",
+            )
     if policy:
         table.add_row(
             f"policy ({policy['objective']}): reward-model win rate over the reference",
@@ -416,19 +458,22 @@ def _print_summary(report: dict, run_dir: Path) -> None:
             "final KL to reference (target)",
             f"{policy['final_kl_to_reference']:.2f} ({policy['kl_target']:g})",
         )
-    other = report.get("comparison")
-    if other and "final_true_utility" in other:
-        table.add_row(
-            f"{other['objective'].upper()} instead: true utility, reference -> final",
-            f"{other['reference_true_utility']:.3f} -> {other['final_true_utility']:.3f} "
-            f"({other['utility_gain_in_reference_sd']:+.2f} SD, "
-            f"KL {other['final_kl_to_reference']:.2f})",
-        )
-    elif other:
-        table.add_row(
-            f"{other['objective'].upper()} instead: win rate over the reference, KL",
-            f"{other['final_win_rate_vs_reference']:.3f}, {other['final_kl_to_reference']:.2f}",
-        )
+    for method, other in (report.get("comparison") or {}).items():
+        if "final_true_utility" in other:
+            share = other.get("share_of_kl_optimal_gain")
+            table.add_row(
+                f"{method.upper()} instead: true utility, reference -> final",
+                f"{other['reference_true_utility']:.3f} -> {other['final_true_utility']:.3f} "
+                f"({other['utility_gain_in_reference_sd']:+.2f} SD, "
+                f"KL {other['final_kl_to_reference']:.2f}"
+                + (f", {share:.0%} of KL-optimal" if share is not None else "")
+                + ")",
+            )
+        else:
+            table.add_row(
+                f"{method.upper()} instead: win rate over the reference, KL",
+                f"{other['final_win_rate_vs_reference']:.3f}, {other['final_kl_to_reference']:.2f}",
+            )
     console.print(table)
     if "summary" in report:
         console.print(report["summary"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 from peft import PeftModel
@@ -60,6 +62,7 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
         pretrain=PretrainConfig(corpus_size=1000, steps=30),
         baselines=False,
         timeout=900,
+        frontier_samples=4,
     )
     report = run_simulation(options)
     run_dir = tmp_path / "run"
@@ -87,6 +90,11 @@ def test_simulation_end_to_end_with_secagg_and_dp(tmp_path):
     assert policy["rounds"][-1]["kl_to_reference"] != 0.0
     assert all(r["true_utility_sd"] > 0 for r in policy["rounds"])
     assert set(policy["checks"]) >= {"final policy's true utility above the reference's"}
+    # The world's KL-optimal frontier, estimated from the reference's samples.
+    frontier = policy["kl_optimal_frontier"]
+    assert frontier[0] == {"kl": 0.0, "gain": 0.0, "gain_in_sd": 0.0}
+    assert all(a["kl"] < b["kl"] and a["gain"] < b["gain"] for a, b in pairwise(frontier))
+    assert frontier[-1]["kl"] <= math.log(4) + 1e-9
 
     # Privacy: every client's ledger composes to at most the budget, and it was used;
     # training and the statistics releases of both phases are all in it.

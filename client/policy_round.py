@@ -4,7 +4,8 @@ Given the global policy adapter + value head, the frozen global reward model and
 the KL coefficient beta, the client (1) plans the noise that keeps its whole run
 within its epsilon budget, or declines, (2) charges the round's two mechanisms to its
 ledger *before* they run: the DP-SGD training and the statistics release, (3) samples
-the prompts it measures (Poisson) and measures the incoming policy on them, (4) trains the configured
+the prompts it measures (Poisson) and measures the incoming policy on them (all a
+``measure`` or ``evaluate`` round does), (4) trains the configured
 objective (:mod:`client.policy_objectives`: PPO iterations on Poisson samples of its
 prompts, or DPO steps on its comparisons), (5) measures the updated policy on the same prompts, and (6) returns
 the update (new - global) and the noised statistics (:mod:`common.dp_statistics`),
@@ -41,7 +42,14 @@ from common.policy_model import POLICY_ADAPTER, PolicyModel, add_policy
 from common.ppo import kl_per_token
 from common.privacy import BudgetExceeded, DPEvent, calibrate_noise_multiplier, epsilon
 from common.protocol import RoundInstruction
-from common.wire import POLICY_STATS, TensorSpec, from_ndarrays, pack_update, spec_of
+from common.wire import (
+    CANDIDATE_STATS,
+    POLICY_STATS,
+    TensorSpec,
+    from_ndarrays,
+    pack_update,
+    spec_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,8 @@ def measurement_rows(before: Rollouts, after: Rollouts | None, estimator: str) -
 
 NO_ROWS = np.zeros((0, len(POLICY_STATS.fields)))
 """No prompt was measured (a Poisson sample may be empty)."""
+CANDIDATE_COLUMNS = [POLICY_STATS.names.index(name) for name in CANDIDATE_STATS.names]
+"""The columns of :func:`measurement_rows` a ``measure`` round sends."""
 
 
 def _pop(charges: list[int]) -> int | None:
@@ -139,14 +149,17 @@ def policy_round(
         stats_event = statistics_event(config, instruction, len(prompts))
         mechanisms.append(Mechanism(stats_event, STATISTICS, "prompt"))
 
-    if instruction.task == "evaluate":
+    if instruction.task in ("measure", "evaluate"):  # the incoming policy: a candidate or final
         charges = (
             begin_charges(store, run_id, instruction, config, mechanisms)[0] if mechanisms else []
         )
         before = measure(round_seed(instruction, store, "measure before"))
         rows = measurement_rows(before, None, pc.kl_estimator) if before else NO_ROWS
+        layout = POLICY_STATS
+        if instruction.task == "measure":
+            rows, layout = rows[:, CANDIDATE_COLUMNS], CANDIDATE_STATS
         stats = release_statistics(
-            store, rows, POLICY_STATS, stats_event, statistics_randomness, _pop(charges)
+            store, rows, layout, stats_event, statistics_randomness, _pop(charges)
         )
         return pack_update({}, [], stats, config.federation.secagg_clipping_range)
 

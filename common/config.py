@@ -114,6 +114,10 @@ class PolicyConfig:
     under DP, so one prompt's rollout (one comparison) is one privacy unit. Under DP,
     few large batches beat many small ones: the noise on a mean gradient falls with
     the batch faster than the noise multiplier a higher sampling rate needs grows."""
+    measure_prompts: int = 256
+    """Expected prompts (a Poisson sample) on which each client measures a policy's KL and
+    score for the server, per release. The noise on a noised mean falls with the
+    prompts measured; their privacy cost is amplified by the sampling rate."""
     optimizer: str = "sgd"
     """``sgd`` (with momentum) or ``adam``; the client's optimizer, fresh each round.
     Under DP noise Adam's per-coordinate scaling turns noise-only coordinates into
@@ -151,6 +155,12 @@ class PolicyConfig:
     falls past about a nat, while the reward model's score keeps climbing."""
     trust_region: str = "scale"
     """``scale`` the step back to the bound, or ``reject`` the round."""
+    trust_region_kl: str = "aggregate"
+    """Whose KL the trust region reads: ``aggregate``, the aggregated candidate policy's,
+    measured by the clients on their prompts in one more masked exchange per round (a
+    statistics release, charged); or ``local``, the mean over clients of their own
+    updated policies' KL (no extra exchange, but local steps overshoot the aggregate's
+    KL several times over: their DP noise and non-IID drift average out)."""
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2
@@ -182,6 +192,11 @@ class PolicyConfig:
     the KL controller moves it like PPO's beta. The steps descend the loss divided by
     beta, so beta sets the margin past which a comparison stops pushing (where the
     policy settles), and the learning rate alone the step size."""
+
+    @property
+    def measures_candidate(self) -> bool:
+        """Whether each training round is followed by a measurement of the candidate."""
+        return self.trust_region_kl == "aggregate"
 
     @property
     def method(self) -> str:
@@ -365,6 +380,7 @@ class RunConfig:
             (self.policy.lora_rank > 0, "policy.lora-rank must be > 0"),
             (self.policy.iterations >= 1, "policy.iterations must be >= 1"),
             (self.policy.batch_size >= 1, "policy.batch-size must be >= 1"),
+            (self.policy.measure_prompts >= 1, "policy.measure-prompts must be >= 1"),
             (self.policy.optimizer in ("sgd", "adam"), "policy.optimizer must be 'sgd' or 'adam'"),
             (self.policy.learning_rate > 0, "policy.learning-rate must be > 0"),
             (self.policy.ppo_epochs >= 1, "policy.ppo-epochs must be >= 1"),
@@ -400,6 +416,10 @@ class RunConfig:
             (
                 self.policy.trust_region in ("scale", "reject"),
                 "policy.trust-region must be 'scale' or 'reject'",
+            ),
+            (
+                self.policy.trust_region_kl in ("aggregate", "local"),
+                "policy.trust-region-kl must be 'aggregate' or 'local'",
             ),
             (0 < self.policy.gamma <= 1, "policy.gamma must be in (0, 1]"),
             (0 <= self.policy.lam <= 1, "policy.lam must be in [0, 1]"),

@@ -35,8 +35,9 @@ STATISTICS = "statistics"
 
 
 def measurement_rate(config: RunConfig, prompts: int) -> float:
-    """Poisson rate of the prompts a policy round measures: ``policy.batch-size`` expected."""
-    return min(1.0, config.policy.batch_size / prompts) if prompts > 0 else 1.0
+    """Poisson rate of the prompts a policy round measures: ``policy.measure-prompts``
+    expected."""
+    return min(1.0, config.policy.measure_prompts / prompts) if prompts > 0 else 1.0
 
 
 def planned_releases(config: RunConfig, prompts: int) -> list[tuple[float, int]]:
@@ -44,21 +45,31 @@ def planned_releases(config: RunConfig, prompts: int) -> list[tuple[float, int]]
 
     The reward phase releases once, its final evaluation on the held-out comparisons
     (all of them: rate 1); its training rounds send no statistics. The policy phase
-    releases in each round and in its final evaluation, on Poisson samples of prompts.
+    releases in each round (twice with ``policy.trust-region-kl = "aggregate"``: the
+    candidate's measurement too) and in its final evaluation, on Poisson samples of
+    prompts.
     """
     plan = []
     if config.reward.rounds > 0:
         plan.append((1.0, 1))
     if config.policy.rounds > 0:
-        plan.append((measurement_rate(config, prompts), config.policy.rounds + 1))
+        per_round = policy_releases_per_round(config)
+        plan.append((measurement_rate(config, prompts), config.policy.rounds * per_round + 1))
     return plan
 
 
-def releases_left(instruction: RoundInstruction) -> int:
+def policy_releases_per_round(config: RunConfig) -> int:
+    return 2 if config.policy.measures_candidate else 1
+
+
+def releases_left(config: RunConfig, instruction: RoundInstruction) -> int:
     """Releases of the instruction's phase from this round on, this one included."""
     if instruction.phase == "reward" or instruction.task == "evaluate":
         return 1
-    return instruction.rounds - instruction.round + 2  # these rounds + the final evaluation
+    per_round = policy_releases_per_round(config)
+    later_rounds = instruction.rounds - instruction.round
+    this_round = per_round if instruction.task == "train" else 1  # "measure": its own
+    return this_round + later_rounds * per_round + 1  # + the final evaluation
 
 
 @lru_cache(maxsize=64)
@@ -84,7 +95,7 @@ def future_statistics(
 ) -> list[DPEvent]:
     """The phase's releases from this round on: training plans its noise around them."""
     event = statistics_event(config, instruction, prompts)
-    return [DPEvent(event.noise_multiplier, event.sample_rate, releases_left(instruction))]
+    return [DPEvent(event.noise_multiplier, event.sample_rate, releases_left(config, instruction))]
 
 
 def clipped_sums(rows: np.ndarray, layout: StatsLayout) -> dict[str, float]:

@@ -14,7 +14,7 @@ from common.wire import WireError
 
 PROTOCOL_VERSION = 1
 PHASES = ("reward", "policy")
-TASKS = ("train", "evaluate")
+TASKS = ("train", "measure", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class RoundInstruction:
     """Which model the round trains: ``reward`` or ``policy``."""
     task: str
     """``train``: evaluate the incoming model on held-out data, then train and send the
-    update. ``evaluate``: only evaluate (the final model of a phase)."""
+    update. ``measure`` (policy rounds): measure the candidate the server sends, the
+    aggregate of this round's updates, for the trust region. ``evaluate``: only
+    evaluate (the final model of a phase)."""
     round: int
     """1-based round within the phase."""
     rounds: int
@@ -76,6 +78,8 @@ class RoundInstruction:
             raise WireError(f"{where}: unknown phase {instruction.phase!r}")
         if instruction.task not in TASKS:
             raise WireError(f"{where}: unknown task {instruction.task!r}")
+        if instruction.task == "measure" and instruction.phase != "policy":
+            raise WireError(f"{where}: task 'measure' belongs to policy rounds only")
         if not (0.0 <= instruction.beta < float("inf")):
             raise WireError(
                 f"{where}: field 'beta' must be finite and >= 0, got {instruction.beta}"

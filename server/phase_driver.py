@@ -10,14 +10,16 @@ Reward rounds send the reward adapter + head and get updates back; the phase's
 final evaluation gets the final model's figures on the clients' held-out comparisons.
 Policy rounds send the policy adapter + value head, the frozen reward model and the
 KL coefficient beta; the aggregated KL of the incoming policy moves beta (the KL
-controller), and the aggregated KL of the clients' updated policies decides whether
-the step is taken, scaled back or rejected (the trust region). Every figure the
+controller), and the KL of the aggregated candidate, measured by the clients in one
+more masked exchange (``measure``), decides whether the step is taken, scaled back or
+rejected (the trust region). Every figure the
 server reads is a sum of the clients' DP-noised statistics (:mod:`common.dp_statistics`).
 A restarted server resumes after the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import secrets
@@ -35,6 +37,7 @@ from common.model import RewardModel, build_reward_model, load_base
 from common.policy_model import PolicyModel, add_policy
 from common.protocol import RoundInstruction
 from common.wire import (
+    CANDIDATE_STATS,
     POLICY_STATS,
     REWARD_STATS,
     StatsLayout,
@@ -190,17 +193,23 @@ class PhaseDriver:
         where = f"{instruction.seed}/{instruction.phase}/{instruction.round}/{instruction.attempt}"
         return sorted(random.Random(where).sample(nodes, count))
 
-    def _outgoing(self, phase: str) -> list[np.ndarray]:
-        """Reward rounds: the reward model. Policy rounds: the policy, then the reward model."""
+    def _outgoing(
+        self, phase: str, policy: dict[str, torch.Tensor] | None = None
+    ) -> list[np.ndarray]:
+        """Reward rounds: the reward model. Policy rounds: the policy (the global one, or
+        a candidate to measure), then the reward model."""
         arrays = to_ndarrays(self.weights["reward"], self.spec["reward"])
         if phase == "policy":
-            arrays = to_ndarrays(self.weights["policy"], self.spec["policy"]) + arrays
+            policy = self.weights["policy"] if policy is None else policy
+            arrays = to_ndarrays(policy, self.spec["policy"]) + arrays
         return arrays
 
-    def _send(self, instruction: RoundInstruction) -> RoundOutcome:
+    def _send(
+        self, instruction: RoundInstruction, policy: dict[str, torch.Tensor] | None = None
+    ) -> RoundOutcome:
         nodes = self._sample(instruction)
         fed = self.config.federation
-        arrays = self._outgoing(instruction.phase)
+        arrays = self._outgoing(instruction.phase, policy)
         if fed.secure_aggregation:
             return run_secure_round(
                 self.grid,
@@ -226,7 +235,7 @@ class PhaseDriver:
     def _layout(instruction: RoundInstruction) -> StatsLayout | None:
         """The statistics a reply carries: none from a reward training round."""
         if instruction.phase == "policy":
-            return POLICY_STATS
+            return CANDIDATE_STATS if instruction.task == "measure" else POLICY_STATS
         return REWARD_STATS if instruction.task == "evaluate" else None
 
     def _reply_spec(self, instruction: RoundInstruction) -> list[TensorSpec]:
@@ -245,7 +254,12 @@ class PhaseDriver:
         )
 
     def _attempt(
-        self, phase: str, task: str, round_: int, rounds: int
+        self,
+        phase: str,
+        task: str,
+        round_: int,
+        rounds: int,
+        policy: dict[str, torch.Tensor] | None = None,
     ) -> tuple[RoundOutcome, dict, dict[str, float]]:
         """Send one round (retrying a failed one); returns outcome, update, stat sums."""
         for attempt in range(1, MAX_ATTEMPTS_PER_ROUND + 1):
@@ -262,7 +276,7 @@ class PhaseDriver:
                 seed=self.config.seed,
                 beta=float(self.kl_controller.beta) if phase == "policy" else 0.0,
             )
-            outcome = self._send(instruction)
+            outcome = self._send(instruction, policy)
             for d in outcome.dropouts:
                 log.warning(
                     "%s round %d: node %d dropped at %s: %s",
@@ -294,36 +308,58 @@ class PhaseDriver:
 
     def _train_round(self, phase: str, round_: int, rounds: int) -> None:
         outcome, update, sums = self._attempt(phase, "train", round_, rounds)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"server_round": self.state.server_round}
+        optimizer = self.optimizers[phase]
         if phase == "policy":
-            figures = self._policy_figures("train", sums)
-            kl_current, kl_proposed = figures["kl"], figures["kl_after"]
-            decision = trust_region(
-                kl_current,
-                kl_proposed,
-                self.config.policy.kl_bound,
-                self.config.policy.trust_region,
-            )
-            update = {name: u * decision.scale for name, u in update.items()}
-            beta_used = self.kl_controller.beta
-            self.kl_controller.update(kl_current, figures["samples"])
-            self.state.kl_controller = self.kl_controller.state_dict()
-            extra = {
-                "beta": beta_used,
-                "next_beta": self.kl_controller.beta,
-                "trust_region_scale": decision.scale,
-                "trust_region": decision.reason,
-            }
-            if decision.scale < 1.0:
-                log.warning("policy round %d: trust region: %s", round_, decision.reason)
+            update, trust_region = self._trust_region(round_, rounds, update, sums)
+            extra.update(trust_region)
         if any(u.abs().max() > 0 for u in update.values()):
-            self.weights[phase] = self.optimizers[phase].step(self.weights[phase], update)
+            self.weights[phase] = optimizer.step(self.weights[phase], update)
         target = self.policy if phase == "policy" else self.model
         target.load_trainable_state(self.weights[phase])
         self.state.round = round_
         update_norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
         self._record(phase, "train", round_, rounds, outcome, sums, update_norm, extra)
         self._save()
+
+    def _trust_region(
+        self, round_: int, rounds: int, update: dict[str, torch.Tensor], sums: dict[str, float]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Move beta by the incoming policy's KL; take, scale back or reject the step by
+        the KL it would lead to: the aggregated candidate's, measured by the clients
+        (``policy.trust-region-kl = "aggregate"``), or the clients' local one."""
+        pc = self.config.policy
+        figures = self._policy_figures("train", sums)
+        kl_current, kl_proposed = figures["kl"], figures["kl_after"]
+        extra: dict[str, Any] = {}
+        if pc.measures_candidate:
+            trial = copy.deepcopy(self.optimizers["policy"])  # its moments must not move yet
+            candidate = trial.step(self.weights["policy"], update)
+            measured, _, candidate_sums = self._attempt(
+                "policy", "measure", round_, rounds, policy=candidate
+            )
+            candidate_figures = self._policy_figures("measure", candidate_sums)
+            kl_proposed = candidate_figures["kl"]
+            extra = {
+                "kl_candidate": kl_proposed,
+                "candidate_measured": candidate_figures["measured"],
+                "measure_server_round": self.state.server_round,
+                "measure_seconds": round(measured.seconds, 3),
+                "measure_survivors": len(measured.survivors),
+            }
+        decision = trust_region(kl_current, kl_proposed, pc.kl_bound, pc.trust_region)
+        beta_used = self.kl_controller.beta
+        self.kl_controller.update(kl_current, figures["samples"])
+        self.state.kl_controller = self.kl_controller.state_dict()
+        if decision.scale < 1.0:
+            log.warning("policy round %d: trust region: %s", round_, decision.reason)
+        return {name: u * decision.scale for name, u in update.items()}, {
+            **extra,
+            "beta": beta_used,
+            "next_beta": self.kl_controller.beta,
+            "trust_region_scale": decision.scale,
+            "trust_region": decision.reason,
+        }
 
     def _final_evaluation(self, phase: str, rounds: int) -> None:
         outcome, _, sums = self._attempt(phase, "evaluate", rounds, rounds)
@@ -384,7 +420,8 @@ class PhaseDriver:
         else:
             figures = (
                 f"score {entry['score']:.3f}, KL {entry['kl']:.3f}"
-                + (f" -> {entry['kl_after']:.3f}" if task == "train" else "")
+                + (f" -> {entry['kl_after']:.3f} local" if task == "train" else "")
+                + (f", candidate {entry['kl_candidate']:.3f}" if "kl_candidate" in entry else "")
                 + f", beta {entry['beta']:.4f}"
                 + (f", step x{entry['trust_region_scale']:.3f}" if task == "train" else "")
             )
@@ -415,18 +452,21 @@ class PhaseDriver:
 
     def _policy_figures(self, task: str, sums: dict[str, float]) -> dict[str, Any]:
         """Means over the measured prompts of all clients, from the noised sums. The KL
-        controller counts the round's samples as ``iterations`` times those measured
-        (training and measurement sample at the same expected size)."""
+        controller counts the round's trained samples: the prompts measured, scaled to
+        the training batch (``batch-size / measure-prompts``), times the iterations (and
+        PPO's samples per prompt)."""
+        pc = self.config.policy
         measured = max(sums["measured"], 1.0)
-        figures = {
-            "measured": round(sums["measured"]),
-            "score": sums["score_sum"] / measured,
-            "kl": max(0.0, sums["kl_sum"] / measured),
-            "ended": min(1.0, max(0.0, sums["ended"] / measured)),
-        }
+        figures = {"measured": round(sums["measured"]), "kl": max(0.0, sums["kl_sum"] / measured)}
+        if task == "measure":
+            return figures
+        figures["score"] = sums["score_sum"] / measured
+        figures["ended"] = min(1.0, max(0.0, sums["ended"] / measured))
         if task == "train":
+            per_prompt = pc.samples_per_prompt if pc.objective == "ppo" else 1
+            trained = max(0.0, sums["measured"]) * pc.batch_size / pc.measure_prompts
             figures["kl_after"] = max(0.0, sums["kl_after_sum"] / measured)
-            figures["samples"] = round(max(0.0, sums["measured"]) * self.config.policy.iterations)
+            figures["samples"] = round(trained * pc.iterations * per_prompt)
         return figures
 
 

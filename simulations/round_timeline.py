@@ -55,6 +55,8 @@ def round_breakdown(entry: dict, clients: list[dict]) -> dict[str, float]:
         "secagg": secagg,
         "waiting": max(0.0, entry["seconds"] - local - secagg),
         **{f"client {part}": value for part, value in parts.items()},
+        # A policy round's second exchange: the clients measure the aggregated candidate.
+        **({"candidate measure": entry["measure_seconds"]} if "measure_seconds" in entry else {}),
     }
 
 
@@ -80,6 +82,11 @@ def round_timeline(metrics: Path, stores: Sequence[Path]) -> dict[str, dict]:
         medians["summary"] = (
             f"{medians['round']:.1f} = train {medians['train']:.1f} + SecAgg+ "
             f"{medians['secagg']:.1f} + waiting {medians['waiting']:.1f}"
+            + (
+                f", then {medians['candidate measure']:.1f} measuring the candidate"
+                if "candidate measure" in medians
+                else ""
+            )
         )
         summary[phase] = medians
     return summary

@@ -40,6 +40,7 @@ ROUNDS = {
 SMALL_ROUNDS = {
     "policy.iterations": 2,
     "policy.batch-size": 8,
+    "policy.measure-prompts": 8,
     "policy.max-new-tokens": 8,
     "federation.secure-aggregation": False,
     # DP on, with little noise, so that one round on 40-60 comparisons learns visibly.

@@ -115,6 +115,7 @@ def test_tls_authenticated_federation_on_loopback(tiny_base_dir, tmp_path, capsy
                     "policy.rounds": 1,
                     "policy.iterations": 1,
                     "policy.batch-size": 8,
+                    "policy.measure-prompts": 8,
                     "policy.max-new-tokens": 12,
                     "federation.min-clients": ORGS,
                     "federation.node-wait-timeout": 120.0,

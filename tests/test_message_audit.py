@@ -23,7 +23,7 @@ import client.privacy_charges as privacy_charges
 from client.store import PreferenceStore
 from common.config import RunConfig
 from common.dp_randomness import DPOptimizerWithRandomness
-from common.wire import POLICY_STATS, REWARD_STATS
+from common.wire import CANDIDATE_STATS, POLICY_STATS, REWARD_STATS
 from server.phase_driver import PhaseDriver
 from tests.inprocess_grid import InProcessGrid
 from tests.test_secure_rounds import make_stores, run_config
@@ -34,6 +34,7 @@ RUN = {
     "policy.objective": "ppo",
     "policy.iterations": 1,
     "policy.batch-size": 8,
+    "policy.measure-prompts": 8,
     "policy.max-new-tokens": 8,
 }
 
@@ -48,6 +49,7 @@ CHARGES = {  # what each kind of reply must have been charged, by (phase, task)
     ("reward", "train"): {"training"},
     ("reward", "evaluate"): {"statistics"},
     ("policy", "train"): {"training", "statistics"},
+    ("policy", "measure"): {"statistics"},  # the aggregated candidate, for the trust region
     ("policy", "evaluate"): {"statistics"},
 }
 
@@ -105,8 +107,14 @@ def test_every_value_a_client_sends_is_noised_and_accounted_or_constant(
     grid = InProcessGrid(stores, flat)
     state = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat)).run_all()
     rounds = {h["server_round"]: (h["phase"], h["task"], h["round"]) for h in state.history}
+    rounds |= {
+        h["measure_server_round"]: ("policy", "measure", h["round"])
+        for h in state.history
+        if "measure_server_round" in h
+    }
     assert sorted(rounds.values()) == [
         ("policy", "evaluate", 1),
+        ("policy", "measure", 1),
         ("policy", "train", 1),
         ("reward", "evaluate", 1),
         ("reward", "train", 1),
@@ -144,10 +152,11 @@ def test_every_value_a_client_sends_is_noised_and_accounted_or_constant(
         carries_stats = not (phase == "reward" and task == "train")
         if carries_stats:
             stats = arrays[-1]
-            layout = POLICY_STATS if phase == "policy" else REWARD_STATS
+            layout = {"reward": REWARD_STATS, "policy": POLICY_STATS}[phase]
+            layout = CANDIDATE_STATS if task == "measure" else layout
             assert stats.shape == layout.spec.shape
             assert any(np.array_equal(stats, s) for s in sent_stats), (node, phase, task)
-        if task == "evaluate":
+        if task in ("measure", "evaluate"):
             assert len(arrays) == 1  # statistics only
         replies[node, server_round] = replies.get((node, server_round), 0) + 1
 
@@ -167,4 +176,4 @@ def test_every_value_a_client_sends_is_noised_and_accounted_or_constant(
             for mechanism in CHARGES[rounds[r][:2]]
         )
         assert charged == expected, node
-        assert len([r for n, r in replies if n == node]) == 4
+        assert len([r for n, r in replies if n == node]) == 5

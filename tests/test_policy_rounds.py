@@ -22,6 +22,7 @@ POLICY = {
     "policy.rounds": 2,
     "policy.iterations": 2,
     "policy.batch-size": 8,
+    "policy.measure-prompts": 8,
     "policy.max-new-tokens": 8,
     "policy.optimizer": "adam",
     "policy.learning-rate": 0.01,
@@ -96,7 +97,8 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
         assert [(e.phase, e.mechanism, e.unit) for e in ledger] == [
             ("reward", "training", "comparison"),
             ("reward", "statistics", "comparison"),
-            *[("policy", "training", "prompt"), ("policy", "statistics", "prompt")] * 2,
+            # Each round: its training, its measurement, the candidate's measurement.
+            *[("policy", "training", "prompt"), *[("policy", "statistics", "prompt")] * 2] * 2,
             ("policy", "statistics", "prompt"),
         ]
         assert all(e.status == "committed" for e in ledger)
@@ -138,12 +140,20 @@ def test_critic_free_rounds_train_the_adapter_and_leave_the_value_head(
         assert ("policy", "training", "prompt") in units
 
 
-def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(tiny_base_dir, tmp_path):
+KL_READ = {"aggregate": "kl_candidate", "local": "kl_after"}
+"""What the trust region reads, by ``policy.trust-region-kl``."""
+
+
+@pytest.mark.parametrize("trust_region_kl", ["aggregate", "local"])
+def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(
+    tiny_base_dir, tmp_path, trust_region_kl
+):
     driver, state, _, _ = run_policy(
         tiny_base_dir,
         tmp_path,
         "reject",
         **{
+            "policy.trust-region-kl": trust_region_kl,
             "policy.kl-bound": 1e-6,
             "policy.kl-target": 1e-6,
             "policy.trust-region": "reject",
@@ -154,7 +164,8 @@ def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(tiny_ba
         },
     )
     (h,) = [h for h in state.history if h["phase"] == "policy" and h["task"] == "train"]
-    assert h["kl_after"] > 1e-6 and h["trust_region_scale"] == 0.0
+    assert h[KL_READ[trust_region_kl]] > 1e-6 and h["trust_region_scale"] == 0.0
+    assert ("kl_candidate" in h) == (trust_region_kl == "aggregate")
     assert h["trust_region"].startswith("rejected") and h["update_norm"] == 0.0
     run = RunDirectory(driver.config.run_dir)
     start = run.load(run.checkpoints / "policy-round-0000").policy
@@ -162,15 +173,23 @@ def test_trust_region_rejects_a_step_past_the_bound_and_keeps_the_policy(tiny_ba
     assert all(torch.equal(start[n], final[n]) for n in start)
 
 
-def test_trust_region_scales_a_step_back_to_the_bound(tiny_base_dir, tmp_path):
+@pytest.mark.parametrize("trust_region_kl", ["aggregate", "local"])
+def test_trust_region_scales_a_step_back_to_the_bound(tiny_base_dir, tmp_path, trust_region_kl):
     # Exact KL figures: no quantization, no statistics noise.
-    plain = {"federation.secure-aggregation": False, "privacy.enabled": False, "policy.rounds": 1}
+    plain = {
+        "federation.secure-aggregation": False,
+        "privacy.enabled": False,
+        "policy.rounds": 1,
+        "policy.trust-region-kl": trust_region_kl,
+    }
+    proposed = KL_READ[trust_region_kl]
     free, _, _, _ = run_policy(tiny_base_dir, tmp_path, "free", **plain)
     (h_free,) = [h for h in free.state.history if h["phase"] == "policy" and h["task"] == "train"]
     # The fresh policy is the reference on the clients too (the trained reward adapter
     # that travels with it must not leak into it).
     assert abs(h_free["kl"]) < 1e-6
-    bound = h_free["kl"] + 0.5 * (h_free["kl_after"] - h_free["kl"])
+    assert h_free[proposed] > 0
+    bound = h_free["kl"] + 0.5 * (h_free[proposed] - h_free["kl"])
     scaled, _, _, _ = run_policy(
         tiny_base_dir,
         tmp_path,
@@ -201,7 +220,7 @@ def test_dpo_objective_trains_the_policy_on_local_comparisons(tiny_base_dir, tmp
         with PreferenceStore(node_config["store"]) as store:
             ledger = store.ledger()
         assert [(e.mechanism, e.unit) for e in ledger] == [
-            *[("training", "comparison"), ("statistics", "prompt")] * 2,
+            *[("training", "comparison"), ("statistics", "prompt"), ("statistics", "prompt")] * 2,
             ("statistics", "prompt"),
         ]
         # Without reward rounds the policy phase may spend the whole budget.
@@ -214,9 +233,10 @@ def test_restarted_server_resumes_policy_rounds_with_beta(tiny_base_dir, tmp_pat
 
     stores = make_stores(tmp_path / "stores")
     flat = run_config(tiny_base_dir, tmp_path / "resumed" / "run", **{**POLICY, **overrides})
-    # Server rounds: reward 1 + evaluation = 2, policy round 1 = 3; round 2 never arrives.
+    # Server rounds: reward 1 + evaluation = 2, policy round 1 = 3 + its measure 4;
+    # round 2 never arrives.
     broken = InProcessGrid(
-        stores, flat, drop=lambda node, message: int(message.metadata.group_id) >= 4
+        stores, flat, drop=lambda node, message: int(message.metadata.group_id) >= 5
     )
     with pytest.raises(RuntimeError, match="failed 3 times"):
         PhaseDriver(broken, broken.server_context, RunConfig.from_flower(flat)).run_all()

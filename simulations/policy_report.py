@@ -30,7 +30,7 @@ from simulations.figures import plt, save_figure
 from simulations.kl_frontier import (
     FRONTIER_SAMPLES,
     Frontier,
-    reference_utilities,
+    reference_samples,
     tilted_frontier,
 )
 
@@ -107,18 +107,37 @@ def policy_rounds(
     return rows
 
 
-def kl_optimal_frontier(
-    config: RunConfig, prompts: list[str], utility: UtilityFn, samples: int = FRONTIER_SAMPLES
-) -> Frontier:
-    """The world's KL-optimal frontier on the held-out prompts (:mod:`simulations.kl_frontier`)."""
-    _, policy, tokenizer = _evaluation_models(config)
+def kl_optimal_frontiers(
+    config: RunConfig,
+    run_dir: Path,
+    prompts: list[str],
+    utility: UtilityFn,
+    samples: int = FRONTIER_SAMPLES,
+) -> tuple[Frontier, Frontier | None]:
+    """The world's KL-optimal frontier on the held-out prompts, and the true utility of
+    the reference tilted by the run's reward model (None without reward rounds):
+    :mod:`simulations.kl_frontier`."""
+    reward, policy, tokenizer = _evaluation_models(config)
+    run = RunDirectory(run_dir)
+    final = run.load(sorted(run.checkpoints.glob("policy-round-*"))[-1])
+    reward.load_trainable_state(final.reward)
+
+    def score(p, r):  # noqa: ANN001, ANN202
+        return score_responses(reward, tokenizer, p, r, config.model.max_length)
+
     sampling = SamplingSettings.of(config.policy)
-    utilities = reference_utilities(policy, tokenizer, prompts, utility, sampling, samples)
-    return tilted_frontier(utilities)
+    utilities, scores = reference_samples(
+        policy, tokenizer, prompts, utility, score, sampling, samples
+    )
+    by_reward = tilted_frontier(utilities, tilt_by=scores) if config.reward.rounds > 0 else None
+    return tilted_frontier(utilities), by_reward
 
 
 def policy_summary(
-    config: RunConfig, rows: list[dict[str, Any]], frontier: Frontier | None = None
+    config: RunConfig,
+    rows: list[dict[str, Any]],
+    frontier: Frontier | None = None,
+    by_reward: Frontier | None = None,
 ) -> dict[str, Any]:
     """The headline figures and checks of the policy phase."""
     reference, final = rows[0], rows[-1]
@@ -161,6 +180,13 @@ def policy_summary(
             checks[
                 f"true utility gain >= {KL_OPTIMAL_SHARE:.0%} of the KL-optimal gain at its KL"
             ] = share >= KL_OPTIMAL_SHARE
+        if by_reward is not None:
+            summary.update(
+                reward_model_tilt_gain_at_final_kl_in_sd=(
+                    by_reward.gain_at(final["kl_to_reference"]) / sd if sd > 0 else 0.0
+                ),
+                reward_model_tilt_frontier=by_reward.to_json(sd),
+            )
     else:
         checks["the federation's reward model prefers the final policy (win rate > 0.5)"] = (
             final["win_rate_vs_reference"] > 0.5
@@ -174,7 +200,11 @@ def policy_summary(
 
 
 def plot_policy(
-    run_dir: Path, rows: list[dict[str, Any]], config: RunConfig, frontier: Frontier | None = None
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    config: RunConfig,
+    frontier: Frontier | None = None,
+    by_reward: Frontier | None = None,
 ) -> None:
     rounds = [r["round"] for r in rows]
     truth = "true_utility_mean" in rows[0]
@@ -208,7 +238,7 @@ def plot_policy(
     for r, x, y in zip(rounds, kl, mean, strict=True):
         ax.annotate(str(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if frontier is not None:
-        _draw_frontier(ax, frontier, mean[0], max(kl))
+        _draw_frontier(ax, frontier, mean[0], max(kl), by_reward)
     ax.set_xlabel("KL to reference (nats per response)")
     ax.set_ylabel(f"{what} (mean)")
     ax.set_title(f"{what.capitalize()} bought per nat of KL (labels: round)")
@@ -230,11 +260,11 @@ def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
         left.plot(kl, [r["true_utility_mean"] for r in rows], marker="o", label=name)
         right.plot([r["round"] for r in rows], kl, marker="s", label=name)
     if "kl_optimal_frontier" in reference:
-        points = reference["kl_optimal_frontier"]
-        frontier = Frontier(
-            np.array([p["kl"] for p in points]), np.array([p["gain"] for p in points])
+        frontier, by_reward = (
+            Frontier.from_json(reference[key]) if key in reference else None
+            for key in ("kl_optimal_frontier", "reward_model_tilt_frontier")
         )
-        _draw_frontier(left, frontier, base, kl_max)
+        _draw_frontier(left, frontier, base, kl_max, by_reward)
     left.axhline(
         base + reference["reference_true_utility_sd"],
         color="gray",
@@ -253,13 +283,26 @@ def plot_objectives(path: Path, reports: dict[str, dict[str, Any]]) -> None:
     save_figure(fig, path)
 
 
-def _draw_frontier(ax, frontier: Frontier, reference: float, kl_max: float) -> None:  # noqa: ANN001
-    """The KL-optimal frontier (reference tilted by exp(utility / t)) up to the KLs shown."""
-    keep = frontier.kl <= max(kl_max, 0.1) * 1.5
-    ax.plot(
-        frontier.kl[keep], reference + frontier.gain[keep], color="black", linestyle="--",
-        label="KL-optimal (reference tilted by exp(utility / t))",
-    )  # fmt: skip
+def _draw_frontier(
+    ax,  # noqa: ANN001
+    frontier: Frontier,
+    reference: float,
+    kl_max: float,
+    by_reward: Frontier | None = None,
+) -> None:
+    """The KL-optimal frontier (reference tilted by exp(utility / t)) up to the KLs shown,
+    and the truth of the reference tilted by the reward model."""
+    for curve, style, label in (
+        (frontier, "--", "KL-optimal (reference tilted by exp(utility / t))"),
+        (by_reward, ":", "reference tilted by the reward model (truth of)"),
+    ):
+        if curve is None:
+            continue
+        keep = curve.kl <= max(kl_max, 0.1) * 1.5
+        ax.plot(
+            curve.kl[keep], reference + curve.gain[keep], color="black", linestyle=style,
+            label=label,
+        )  # fmt: skip
     ax.legend(fontsize=8)
 
 
@@ -275,10 +318,10 @@ def build_policy_report(
     rows = policy_rounds(config, run_dir, prompts, utility)
     if not rows:
         return None
-    frontier = (
-        kl_optimal_frontier(config, prompts, utility, frontier_samples)
+    frontier, by_reward = (
+        kl_optimal_frontiers(config, run_dir, prompts, utility, frontier_samples)
         if utility is not None
-        else None
+        else (None, None)
     )
-    plot_policy(run_dir, rows, config, frontier)
-    return {**policy_summary(config, rows, frontier), "rounds": rows}
+    plot_policy(run_dir, rows, config, frontier, by_reward)
+    return {**policy_summary(config, rows, frontier, by_reward), "rounds": rows}

@@ -35,3 +35,16 @@ def test_the_tilt_beats_any_other_reweighting_at_the_same_kl():
         gain = ((w * u).sum(axis=1) - u.mean(axis=1)).mean()
         if kl < frontier.kl[-1]:
             assert gain <= frontier.gain_at(kl) + 1e-9
+
+
+def test_tilting_by_another_score_buys_less_truth_at_the_same_kl():
+    rng = np.random.default_rng(1)
+    u = rng.normal(size=(40, 16))
+    noisy = u + rng.normal(scale=1.0, size=u.shape)  # a reward model that is half right
+    truth, by_model = tilted_frontier(u), tilted_frontier(u, tilt_by=noisy)
+    assert by_model.kl[0] == 0 and (np.diff(by_model.kl) > 0).all()
+    for kl in (0.1, 0.3, 0.6):
+        assert 0 < by_model.gain_at(kl) < truth.gain_at(kl)
+    # Tilting by the truth itself is the frontier.
+    same = tilted_frontier(u, tilt_by=u)
+    assert same.gain_at(0.3) == pytest.approx(truth.gain_at(0.3), rel=1e-6)

@@ -7,6 +7,8 @@ never reach this module (nor torch, which it pulls in).
 
 from __future__ import annotations
 
+import logging
+
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -16,7 +18,10 @@ from client.policy_round import policy_round
 from client.reward_round import reward_round
 from client.store import PreferenceStore
 from common.config import RunConfig
+from common.privacy import BudgetExceeded, RoundDeclined
 from common.protocol import RoundInstruction
+
+log = logging.getLogger(__name__)
 
 
 def handle_round(msg: Message, context: Context) -> Message:
@@ -33,7 +38,11 @@ def handle_round(msg: Message, context: Context) -> Message:
     with PreferenceStore(store_path(context, config)) as store:
         store.claim_round(instruction.run_key, instruction.server_round, where)
         run_round = policy_round if instruction.phase == "policy" else reward_round
-        reply_arrays = run_round(config, store, instruction, arrays, str(context.run_id), where)
+        try:
+            reply_arrays = run_round(config, store, instruction, arrays, str(context.run_id), where)
+        except BudgetExceeded as exc:
+            log.warning("%s: %s", where, exc)  # the figures stay on this machine
+            raise RoundDeclined() from None
     # num_examples travels in clear next to the masked arrays: it is always 1, so
     # the server learns nothing about a client's data size (counts are masked).
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(reply_arrays), 1, {})

@@ -31,6 +31,17 @@ class BudgetExceeded(RuntimeError):
     """Training would push a client past its epsilon budget; the client declines."""
 
 
+class RoundDeclined(RuntimeError):
+    """What a client's error reply says when it declines for its budget: that it did,
+    in a constant text. The figures (epsilon spent, planned) depend on its data and
+    history, so they stay in its own log."""
+
+    MESSAGE = "declined: the round would exceed this client's privacy budget"
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
 @dataclass(frozen=True)
 class DPEvent:
     """``steps`` DP-SGD steps with Poisson rate ``sample_rate`` and noise ``noise_multiplier``."""

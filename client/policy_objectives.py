@@ -15,7 +15,6 @@ training itself. :func:`policy_objective` picks the configured one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,9 +102,6 @@ class PPOObjective:
     def trained_heads(self) -> tuple[str, ...]:
         return () if self.settings.critic_free else ("value_head.",)
 
-    def _batch(self, sample: Callable[[], list[str]]) -> list[str]:
-        return repeat_prompts(sample(), self.settings.samples_per_prompt)
-
     def train(self, context: TrainingContext) -> str:
         pc, c = self.config, context
         rate = min(1.0, pc.batch_size / self.units)
@@ -121,10 +117,10 @@ class PPOObjective:
         stats = []
         for iteration in range(pc.iterations):
             with timed("generate"):
+                batch = repeat_prompts(sample(), self.settings.samples_per_prompt)
                 rollouts = generate_rollouts(
-                    c.policy, c.tokenizer, self._batch(sample), c.score_fn, self.sampling,
-                    c.seed + 1 + iteration,
-                )  # fmt: skip
+                    c.policy, c.tokenizer, batch, c.score_fn, self.sampling, c.seed + 1 + iteration
+                )
             with timed("train"):
                 stats.append(
                     ppo_update(

@@ -1,16 +1,18 @@
-"""One client's part in a policy round: budget, measure, train the policy with DP, report.
+"""One client's part in a policy round: budget, train the policy with DP, measure, report.
 
-Given the global policy adapter + value head, the frozen global reward model and
-the KL coefficient beta, the client (1) plans the noise that keeps its whole run
-within its epsilon budget, or declines, (2) charges the round's two mechanisms to its
-ledger *before* they run: the DP-SGD training and the statistics release, (3) samples
-the prompts it measures (Poisson) and measures the incoming policy on them (all a
-``measure`` or ``evaluate`` round does), (4) trains the configured
-objective (:mod:`client.policy_objectives`: PPO iterations on Poisson samples of its
-prompts, or DPO steps on its comparisons), (5) measures the updated policy on the same prompts, and (6) returns
-the update (new - global) and the noised statistics (:mod:`common.dp_statistics`),
-both to be masked by SecAgg+. Training diagnostics (losses, entropy, clip fraction)
-stay in the client's log: they could not be made DP cheaply, so they are not sent.
+A training round gets the global policy adapter + value head, the frozen global reward
+model and the KL coefficient beta. The client (1) plans the noise that keeps its whole
+run within its epsilon budget, or declines, (2) charges the round's mechanisms to its
+ledger *before* they run, (3) trains the configured objective
+(:mod:`client.policy_objectives`: PPO iterations on Poisson samples of its prompts, or
+DPO steps on its comparisons) and (4) returns the update (new - global), to be masked
+by SecAgg+. A ``measure`` round (the aggregated candidate, for the server's trust
+region) or ``evaluate`` round (the phase's final policy) measures the policy it was
+sent on a Poisson sample of prompts and returns the noised sums
+(:mod:`common.dp_statistics`). With ``policy.trust-region-kl = "local"`` a training
+round also measures the incoming and the updated policy on one sample and sends those
+sums beside its update. Training diagnostics (losses, entropy, clip fraction) stay in
+the client's log: they could not be made DP cheaply, so they are not sent.
 """
 
 from __future__ import annotations
@@ -143,9 +145,12 @@ def policy_round(
             )
 
     spent = store.privacy_events()
+    # With the trust region on the aggregate, the candidate's measurement is the round's
+    # release and the training exchange sends the update only.
+    releases = instruction.task != "train" or not pc.measures_candidate
     mechanisms: list[Mechanism] = []
     stats_event = None
-    if config.privacy.enabled:
+    if config.privacy.enabled and releases:
         stats_event = statistics_event(config, instruction, len(prompts))
         mechanisms.append(Mechanism(stats_event, STATISTICS, "prompt"))
 
@@ -179,7 +184,7 @@ def policy_round(
         if mechanisms
         else ([], epsilon(spent, config.privacy.delta, config.privacy.accountant))
     )
-    before = measure(round_seed(instruction, store, "measure before"))
+    before = measure(round_seed(instruction, store, "measure before")) if releases else None
 
     train_only(policy, POLICY_ADAPTER, objective.trained_heads)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -189,19 +194,25 @@ def policy_round(
     )
     if dp is not None:
         store.commit_charge(_pop(charges), pc.iterations)
-    after = measure(round_seed(instruction, store, "measure after"))
+    after = measure(round_seed(instruction, store, "measure after")) if releases else None
     rows = measurement_rows(before, after, pc.kl_estimator) if before else NO_ROWS
+    figures = ""
     if len(rows):  # the exact local figures, for this client's log only
         score, kl, kl_after = rows[:, 1].mean(), rows[:, 2].mean(), rows[:, 3].mean()
-        log.info(
-            "%s: policy round %d (%s, beta %.4f): score %.3f, KL %.3f -> %.3f, %s, epsilon %.3f%s",
-            where, instruction.round, pc.objective, instruction.beta, score, kl, kl_after,
-            loss_text, epsilon_after, "" if dp else " (DP OFF)",
-        )  # fmt: skip
+        figures = f"score {score:.3f}, KL {kl:.3f} -> {kl_after:.3f}, "
+    log.info(
+        "%s: policy round %d (%s, beta %.4f): %s%s, epsilon %.3f%s",
+        where, instruction.round, pc.method, instruction.beta, figures, loss_text,
+        epsilon_after, "" if dp else " (DP OFF)",
+    )  # fmt: skip
     new_state = policy.trainable_state()
     update = {name: new_state[name].detach().cpu() - global_policy[name] for name in global_policy}
-    stats = release_statistics(
-        store, rows, POLICY_STATS, stats_event, statistics_randomness, _pop(charges)
+    stats = (
+        release_statistics(
+            store, rows, POLICY_STATS, stats_event, statistics_randomness, _pop(charges)
+        )
+        if releases
+        else None
     )
     return pack_update(update, policy_spec, stats, config.federation.secagg_clipping_range)
 

@@ -45,31 +45,23 @@ def planned_releases(config: RunConfig, prompts: int) -> list[tuple[float, int]]
 
     The reward phase releases once, its final evaluation on the held-out comparisons
     (all of them: rate 1); its training rounds send no statistics. The policy phase
-    releases in each round (twice with ``policy.trust-region-kl = "aggregate"``: the
-    candidate's measurement too) and in its final evaluation, on Poisson samples of
-    prompts.
+    releases once per round and in its final evaluation, on Poisson samples of prompts:
+    the candidate's measurement with ``policy.trust-region-kl = "aggregate"`` (the
+    training exchange then sends the update only), else the training exchange's own.
     """
     plan = []
     if config.reward.rounds > 0:
         plan.append((1.0, 1))
     if config.policy.rounds > 0:
-        per_round = policy_releases_per_round(config)
-        plan.append((measurement_rate(config, prompts), config.policy.rounds * per_round + 1))
+        plan.append((measurement_rate(config, prompts), config.policy.rounds + 1))
     return plan
 
 
-def policy_releases_per_round(config: RunConfig) -> int:
-    return 2 if config.policy.measures_candidate else 1
-
-
-def releases_left(config: RunConfig, instruction: RoundInstruction) -> int:
+def releases_left(instruction: RoundInstruction) -> int:
     """Releases of the instruction's phase from this round on, this one included."""
     if instruction.phase == "reward" or instruction.task == "evaluate":
         return 1
-    per_round = policy_releases_per_round(config)
-    later_rounds = instruction.rounds - instruction.round
-    this_round = per_round if instruction.task == "train" else 1  # "measure": its own
-    return this_round + later_rounds * per_round + 1  # + the final evaluation
+    return instruction.rounds - instruction.round + 2  # these rounds + the final evaluation
 
 
 @lru_cache(maxsize=64)
@@ -95,7 +87,7 @@ def future_statistics(
 ) -> list[DPEvent]:
     """The phase's releases from this round on: training plans its noise around them."""
     event = statistics_event(config, instruction, prompts)
-    return [DPEvent(event.noise_multiplier, event.sample_rate, releases_left(config, instruction))]
+    return [DPEvent(event.noise_multiplier, event.sample_rate, releases_left(instruction))]
 
 
 def clipped_sums(rows: np.ndarray, layout: StatsLayout) -> dict[str, float]:

@@ -173,11 +173,12 @@ is one unit): how many were measured, the incoming policy's reward-model score, 
 the reference and whether its response ended (EOS), and the locally updated policy's KL on
 the same prompts (``kl_after_sum``, zero in an evaluation)."""
 
-CANDIDATE_STATS = StatsLayout((("measured", 1.0), ("kl_sum", KL_CLIP)))
+CANDIDATE_STATS = StatsLayout((("measured", 1.0), ("score_sum", SCORE_CLIP), ("kl_sum", KL_CLIP)))
 """What a client reports of the candidate policy it was sent in a ``measure`` round (the
-aggregate of the round's updates): the prompts measured and its KL to the reference,
-all the trust region reads. Two fields, so the noise is sqrt(5 / 2) times smaller
-than it would be on :data:`POLICY_STATS`."""
+aggregate of the round's updates), on a Poisson sample of its prompts: how many were
+measured, the reward-model score and the KL to the reference. It is the policy round's
+only release with ``policy.trust-region-kl = "aggregate"``; three fields, so the noise is
+sqrt(3 / 5) of what :data:`POLICY_STATS` carries."""
 
 
 def pack_update(

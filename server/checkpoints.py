@@ -55,6 +55,10 @@ class ServerState:
     """The final reward model's evaluation round is done (the policy phase may start)."""
     kl_controller: dict[str, float] = field(default_factory=dict)
     """The KL controller's state (beta, target, horizon) after the last policy round."""
+    policy_kl: float = 0.0
+    """The global policy's KL to the reference as the trust region last measured it (the
+    accepted candidate's, or its scaled-back step on the line to it; 0 for the fresh
+    adapter, which is the reference)."""
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 

@@ -231,12 +231,16 @@ class PhaseDriver:
             validate=lambda reply, where: self._unpack(reply, instruction, where),
         )
 
-    @staticmethod
-    def _layout(instruction: RoundInstruction) -> StatsLayout | None:
-        """The statistics a reply carries: none from a reward training round."""
-        if instruction.phase == "policy":
-            return CANDIDATE_STATS if instruction.task == "measure" else POLICY_STATS
-        return REWARD_STATS if instruction.task == "evaluate" else None
+    def _layout(self, instruction: RoundInstruction) -> StatsLayout | None:
+        """The statistics a reply carries: none from a reward training round, nor from a
+        policy training round whose candidate is measured after it."""
+        if instruction.phase == "reward":
+            return REWARD_STATS if instruction.task == "evaluate" else None
+        if instruction.task == "measure":
+            return CANDIDATE_STATS
+        if instruction.task == "train" and self.config.policy.measures_candidate:
+            return None
+        return POLICY_STATS
 
     def _reply_spec(self, instruction: RoundInstruction) -> list[TensorSpec]:
         """The arrays a client's reply holds: the update (training only), then stats."""
@@ -311,50 +315,54 @@ class PhaseDriver:
         extra: dict[str, Any] = {"server_round": self.state.server_round}
         optimizer = self.optimizers[phase]
         if phase == "policy":
-            update, trust_region = self._trust_region(round_, rounds, update, sums)
-            extra.update(trust_region)
+            update, figures = self._trust_region(round_, rounds, update, sums)
+        else:
+            figures = self._reward_figures("train", sums)
         if any(u.abs().max() > 0 for u in update.values()):
             self.weights[phase] = optimizer.step(self.weights[phase], update)
         target = self.policy if phase == "policy" else self.model
         target.load_trainable_state(self.weights[phase])
         self.state.round = round_
         update_norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
-        self._record(phase, "train", round_, rounds, outcome, sums, update_norm, extra)
+        self._record(phase, "train", round_, rounds, outcome, update_norm, {**figures, **extra})
         self._save()
 
     def _trust_region(
         self, round_: int, rounds: int, update: dict[str, torch.Tensor], sums: dict[str, float]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Move beta by the incoming policy's KL; take, scale back or reject the step by
+        """Move beta by the global policy's KL; take, scale back or reject the step by
         the KL it would lead to: the aggregated candidate's, measured by the clients
-        (``policy.trust-region-kl = "aggregate"``), or the clients' local one."""
+        (``policy.trust-region-kl = "aggregate"``), or the clients' local one. Returns
+        the step to take and the round's figures."""
         pc = self.config.policy
-        figures = self._policy_figures("train", sums)
-        kl_current, kl_proposed = figures["kl"], figures["kl_after"]
-        extra: dict[str, Any] = {}
         if pc.measures_candidate:
             trial = copy.deepcopy(self.optimizers["policy"])  # its moments must not move yet
             candidate = trial.step(self.weights["policy"], update)
             measured, _, candidate_sums = self._attempt(
                 "policy", "measure", round_, rounds, policy=candidate
             )
-            candidate_figures = self._policy_figures("measure", candidate_sums)
-            kl_proposed = candidate_figures["kl"]
-            extra = {
-                "kl_candidate": kl_proposed,
-                "candidate_measured": candidate_figures["measured"],
-                "measure_server_round": self.state.server_round,
-                "measure_seconds": round(measured.seconds, 3),
-                "measure_survivors": len(measured.survivors),
-            }
+            figures = self._policy_figures("measure", candidate_sums)
+            kl_current, kl_proposed = self.state.policy_kl, figures["kl"]
+            figures.update(
+                kl=kl_current,
+                kl_candidate=kl_proposed,
+                measure_server_round=self.state.server_round,
+                measure_seconds=round(measured.seconds, 3),
+                measure_survivors=len(measured.survivors),
+            )
+        else:
+            figures = self._policy_figures("train", sums)
+            kl_current, kl_proposed = figures["kl"], figures["kl_after"]
         decision = trust_region(kl_current, kl_proposed, pc.kl_bound, pc.trust_region)
+        if pc.measures_candidate:  # the new global policy's KL, on the line the rule assumes
+            self.state.policy_kl = kl_current + decision.scale * (kl_proposed - kl_current)
         beta_used = self.kl_controller.beta
         self.kl_controller.update(kl_current, figures["samples"])
         self.state.kl_controller = self.kl_controller.state_dict()
         if decision.scale < 1.0:
             log.warning("policy round %d: trust region: %s", round_, decision.reason)
         return {name: u * decision.scale for name, u in update.items()}, {
-            **extra,
+            **figures,
             "beta": beta_used,
             "next_beta": self.kl_controller.beta,
             "trust_region_scale": decision.scale,
@@ -364,7 +372,10 @@ class PhaseDriver:
     def _final_evaluation(self, phase: str, rounds: int) -> None:
         outcome, _, sums = self._attempt(phase, "evaluate", rounds, rounds)
         extra = {"beta": self.kl_controller.beta} if phase == "policy" else {}
-        self._record(phase, "evaluate", rounds, rounds, outcome, sums, 0.0, extra)
+        figures = (self._reward_figures if phase == "reward" else self._policy_figures)(
+            "evaluate", sums
+        )
+        self._record(phase, "evaluate", rounds, rounds, outcome, 0.0, {**figures, **extra})
 
     def _record(
         self,
@@ -373,9 +384,8 @@ class PhaseDriver:
         round_: int,
         rounds: int,
         outcome: RoundOutcome,
-        sums: dict[str, float],
         update_norm: float,
-        extra: dict[str, Any],
+        figures: dict[str, Any],
     ) -> None:
         n = len(outcome.survivors)
         entry: dict[str, Any] = {
@@ -398,8 +408,7 @@ class PhaseDriver:
             "timeline": [stage.to_json() for stage in outcome.stages],
             "server_seconds": round(outcome.seconds - sum(s.seconds for s in outcome.stages), 3),
             "secagg": outcome.share_graph.to_json() if outcome.share_graph else None,
-            **(self._reward_figures if phase == "reward" else self._policy_figures)(task, sums),
-            **extra,
+            **figures,
         }
         self.state.history.append(entry)
         if outcome.share_graph is not None and outcome.share_graph != self._last_graph:
@@ -420,7 +429,7 @@ class PhaseDriver:
         else:
             figures = (
                 f"score {entry['score']:.3f}, KL {entry['kl']:.3f}"
-                + (f" -> {entry['kl_after']:.3f} local" if task == "train" else "")
+                + (f" -> {entry['kl_after']:.3f} local" if "kl_after" in entry else "")
                 + (f", candidate {entry['kl_candidate']:.3f}" if "kl_candidate" in entry else "")
                 + f", beta {entry['beta']:.4f}"
                 + (f", step x{entry['trust_region_scale']:.3f}" if task == "train" else "")
@@ -457,16 +466,20 @@ class PhaseDriver:
         PPO's samples per prompt)."""
         pc = self.config.policy
         measured = max(sums["measured"], 1.0)
-        figures = {"measured": round(sums["measured"]), "kl": max(0.0, sums["kl_sum"] / measured)}
-        if task == "measure":
+        figures = {
+            "measured": round(sums["measured"]),
+            "score": sums["score_sum"] / measured,
+            "kl": max(0.0, sums["kl_sum"] / measured),
+        }
+        if task == "evaluate":
+            figures["ended"] = min(1.0, max(0.0, sums["ended"] / measured))
             return figures
-        figures["score"] = sums["score_sum"] / measured
-        figures["ended"] = min(1.0, max(0.0, sums["ended"] / measured))
+        per_prompt = pc.samples_per_prompt if pc.objective == "ppo" else 1
+        trained = max(0.0, sums["measured"]) * pc.batch_size / pc.measure_prompts
+        figures["samples"] = round(trained * pc.iterations * per_prompt)
         if task == "train":
-            per_prompt = pc.samples_per_prompt if pc.objective == "ppo" else 1
-            trained = max(0.0, sums["measured"]) * pc.batch_size / pc.measure_prompts
+            figures["ended"] = min(1.0, max(0.0, sums["ended"] / measured))
             figures["kl_after"] = max(0.0, sums["kl_after_sum"] / measured)
-            figures["samples"] = round(trained * pc.iterations * per_prompt)
         return figures
 
 

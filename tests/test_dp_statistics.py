@@ -65,26 +65,21 @@ def test_the_planned_releases_alone_spend_the_statistics_share():
     events = [DPEvent(sigma, q, n) for q, n in planned_releases(CONFIG, PROMPTS)]
     spent = epsilon(events, CONFIG.privacy.delta, CONFIG.privacy.accountant)
     assert spent == pytest.approx(0.1 * 8.0, rel=2e-3) and spent <= 0.8
-    # Ten policy rounds, each measuring its incoming policy and its candidate, + the end.
-    assert planned_releases(CONFIG, PROMPTS) == [(1.0, 1), (256 / PROMPTS, 21)]
-    local = CONFIG.replace(**{"policy.trust-region-kl": "local"})
-    assert planned_releases(local, PROMPTS) == [(1.0, 1), (256 / PROMPTS, 11)]
+    # Ten policy rounds, each releasing once (the candidate's measurement with the
+    # trust region on the aggregate, else the training round's own), + the end.
+    assert planned_releases(CONFIG, PROMPTS) == [(1.0, 1), (256 / PROMPTS, 11)]
 
 
-@pytest.mark.parametrize("trust_region_kl, per_round", [("aggregate", 2), ("local", 1)])
-def test_the_releases_each_round_counts_ahead_add_up_to_the_plan(trust_region_kl, per_round):
-    config = CONFIG.replace(**{"policy.trust-region-kl": trust_region_kl})
+@pytest.mark.parametrize("task", ["train", "measure"])
+def test_the_releases_each_round_counts_ahead_add_up_to_the_plan(task):
     # A reward training round releases nothing; the final evaluation once.
-    assert releases_left(config, instruction("reward", "train", 1, 12)) == 1
-    assert releases_left(config, instruction("reward", "evaluate", 12, 12)) == 1
-    # Policy round r of R: rounds r..R (train, and measure the candidate) and the end.
-    assert releases_left(config, instruction("policy", "train", 1, 10)) == 10 * per_round + 1
-    assert releases_left(config, instruction("policy", "train", 10, 10)) == per_round + 1
-    if per_round == 2:
-        assert releases_left(config, instruction("policy", "measure", 1, 10)) == 9 * 2 + 2
-        assert releases_left(config, instruction("policy", "measure", 10, 10)) == 2
-    assert releases_left(config, instruction("policy", "evaluate", 10, 10)) == 1
-    event = statistics_event(config, instruction("policy", "train", 4, 10), PROMPTS)
+    assert releases_left(instruction("reward", "train", 1, 12)) == 1
+    assert releases_left(instruction("reward", "evaluate", 12, 12)) == 1
+    # Policy round r of R (its training or its candidate's measurement): r..R, the end.
+    assert releases_left(instruction("policy", task, 1, 10)) == 11
+    assert releases_left(instruction("policy", task, 10, 10)) == 2
+    assert releases_left(instruction("policy", "evaluate", 10, 10)) == 1
+    event = statistics_event(CONFIG, instruction("policy", task, 4, 10), PROMPTS)
     assert event.sample_rate == 256 / PROMPTS and event.steps == 1
-    ahead = future_statistics(config, instruction("policy", "train", 4, 10), PROMPTS)
-    assert ahead == [DPEvent(event.noise_multiplier, event.sample_rate, 7 * per_round + 1)]
+    ahead = future_statistics(CONFIG, instruction("policy", task, 4, 10), PROMPTS)
+    assert ahead == [DPEvent(event.noise_multiplier, event.sample_rate, 8)]

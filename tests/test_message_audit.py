@@ -48,7 +48,7 @@ SECAGG_REPLY_KEYS = {  # what a client's reply to each stage holds
 CHARGES = {  # what each kind of reply must have been charged, by (phase, task)
     ("reward", "train"): {"training"},
     ("reward", "evaluate"): {"statistics"},
-    ("policy", "train"): {"training", "statistics"},
+    ("policy", "train"): {"training"},  # the update only: the candidate is measured after
     ("policy", "measure"): {"statistics"},  # the aggregated candidate, for the trust region
     ("policy", "evaluate"): {"statistics"},
 }
@@ -149,7 +149,7 @@ def test_every_value_a_client_sends_is_noised_and_accounted_or_constant(
         assert_constant_fitres_records(content, set())
         arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(content, True).parameters)
         phase, task, _ = rounds[server_round]
-        carries_stats = not (phase == "reward" and task == "train")
+        carries_stats = task != "train"
         if carries_stats:
             stats = arrays[-1]
             layout = {"reward": REWARD_STATS, "policy": POLICY_STATS}[phase]
@@ -161,7 +161,7 @@ def test_every_value_a_client_sends_is_noised_and_accounted_or_constant(
         replies[node, server_round] = replies.get((node, server_round), 0) + 1
 
     # One release for every reply that carries statistics: none went out un-noised.
-    assert len(releases) == sum(rounds[r][:2] != ("reward", "train") for _, r in replies)
+    assert len(releases) == sum(rounds[r][1] != "train" for _, r in replies)
 
     # Each data-carrying reply has its charges committed; nothing else was charged.
     for node, cfg in stores.items():

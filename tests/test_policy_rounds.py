@@ -68,8 +68,14 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
     config = driver.config.policy
     beta = assert_beta_follows_the_controller(policy_rounds, config, config.beta)
     for h in policy_rounds:
-        assert h["survivors"] == 3 and h["kl_after"] >= 0
+        # The trust region read the aggregated candidate, measured by all three clients.
+        assert h["survivors"] == h["measure_survivors"] == 3 and h["kl_candidate"] >= 0
+        assert "kl_after" not in h  # the training exchange sent the update only
         assert h["trust_region_scale"] == 1.0 and h["update_norm"] > 0
+    # The policy's KL the controller read: the reference's (0) first, then the last
+    # candidate's as accepted.
+    assert policy_rounds[0]["kl"] == 0.0
+    assert policy_rounds[1]["kl"] == pytest.approx(policy_rounds[0]["kl_candidate"])
     assert state.kl_controller["beta"] == pytest.approx(beta)
 
     # The policy moved; the reward model did not move in the policy rounds.
@@ -97,8 +103,8 @@ def test_policy_rounds_follow_reward_rounds_and_move_beta_by_the_controller(
         assert [(e.phase, e.mechanism, e.unit) for e in ledger] == [
             ("reward", "training", "comparison"),
             ("reward", "statistics", "comparison"),
-            # Each round: its training, its measurement, the candidate's measurement.
-            *[("policy", "training", "prompt"), *[("policy", "statistics", "prompt")] * 2] * 2,
+            # Each round: its training, then the measurement of the aggregated candidate.
+            *[("policy", "training", "prompt"), ("policy", "statistics", "prompt")] * 2,
             ("policy", "statistics", "prompt"),
         ]
         assert all(e.status == "committed" for e in ledger)
@@ -220,7 +226,7 @@ def test_dpo_objective_trains_the_policy_on_local_comparisons(tiny_base_dir, tmp
         with PreferenceStore(node_config["store"]) as store:
             ledger = store.ledger()
         assert [(e.mechanism, e.unit) for e in ledger] == [
-            *[("training", "comparison"), ("statistics", "prompt"), ("statistics", "prompt")] * 2,
+            *[("training", "comparison"), ("statistics", "prompt")] * 2,
             ("statistics", "prompt"),
         ]
         # Without reward rounds the policy phase may spend the whole budget.

@@ -96,20 +96,19 @@ class PolicyConfig:
 
     rounds: int = 10
     """Policy rounds (0: the run ends after the reward model)."""
-    objective: str = "dpo"
-    """``ppo`` against the federation's reward model, or ``dpo`` on the local
-    comparisons (no reward model needed, reward rounds may be 0). DPO is the default:
-    under DP at the sizes of the default simulation (about 2,000 prompts and 2,000
-    comparisons per organization) PPO's per-rollout gradients are too noisy to move
-    the policy anywhere useful, while DPO's per-comparison gradients are not (README,
-    "Policy rounds")."""
+    objective: str = "ppo"
+    """``ppo`` against the federation's reward model (its advantage estimator is
+    ``advantage``), or ``dpo`` on the local comparisons (no reward model needed, reward
+    rounds may be 0). The default, PPO with RLOO advantages, bought the most true
+    utility per nat of KL of the four methods in the default simulation under DP
+    (README, "Policy rounds"; ``fedrlhf simulate --compare-objectives``)."""
     lora_rank: int = 4
     lora_targets: str = "all-linear"
     """The policy adapter's modules. LoRA on the attention projections alone barely
     moves a small model's outputs; the MLPs carry most of what a policy changes."""
-    iterations: int = 8
+    iterations: int = 2
     """PPO iterations per round (rollouts, then updates), or DPO steps per round."""
-    batch_size: int = 256
+    batch_size: int = 64
     """Expected prompts per PPO iteration (comparisons per DPO step); Poisson-sampled
     under DP, so one prompt's rollout (one comparison) is one privacy unit. Under DP,
     few large batches beat many small ones: the noise on a mean gradient falls with
@@ -122,12 +121,12 @@ class PolicyConfig:
     """``sgd`` (with momentum) or ``adam``; the client's optimizer, fresh each round.
     Under DP noise Adam's per-coordinate scaling turns noise-only coordinates into
     full-size steps (a random walk away from the reference); SGD keeps them small."""
-    learning_rate: float = 0.04
+    learning_rate: float = 0.05
     momentum: float = 0.9
     ppo_epochs: int = 4
-    max_grad_norm: float = 4.0
-    """Per-unit clipping norm C of the policy phase's DP-SGD (one rollout or one
-    comparison). DPO's per-comparison gradients at beta 1.5 have norms of about 3-5 on
+    max_grad_norm: float = 1.0
+    """Per-unit clipping norm C of the policy phase's DP-SGD (one prompt's responses or
+    one comparison). For DPO use about 4 (``--compare-objectives`` does): DPO's per-comparison gradients at beta 1.5 have norms of about 3-5 on
     the simulation's base: clipping all of them to 1 weighs every comparison alike and
     bought less true utility per nat of KL than clipping at 4. The noise scales with C,
     so the signal-to-noise of the summed gradient is about the same either way."""
@@ -176,11 +175,11 @@ class PolicyConfig:
     whiten_advantages: bool = True
     """Whiten GAE's advantages over the batch (the critic-free ones are centred by
     their group baseline already)."""
-    advantage: str = "gae"
+    advantage: str = "rloo"
     """PPO's advantage estimator: ``gae`` (a value head), or critic-free ``rloo``
     (baseline: the mean reward of the prompt's other responses) or ``grpo`` (the
     group's mean and std). Critic-free estimators need ``samples-per-prompt >= 2``."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = 4
     """Responses sampled for each prompt of a PPO batch. All of a prompt's responses
     form one privacy unit: their gradients are averaged before clipping."""
     kl_penalty: str = "reward"

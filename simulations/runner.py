@@ -245,10 +245,16 @@ RL_SIZES = {
     "policy.learning-rate": 0.05,
     "policy.max-grad-norm": 1.0,
 }
-"""The RL methods' own sizes where the run's settings are DPO's: each prompt costs
-generations, and under DP few large steps are their best case."""
+"""The RL methods' sizes (the defaults): each prompt costs generations, and under DP few
+large steps are their best case."""
 METHODS: dict[str, dict[str, bool | int | float | str]] = {
-    "dpo": {"policy.objective": "dpo"},
+    "dpo": {  # a comparison's step is cheap: many steps on large batches
+        "policy.objective": "dpo",
+        "policy.iterations": 8,
+        "policy.batch-size": 256,
+        "policy.learning-rate": 0.04,
+        "policy.max-grad-norm": 4.0,
+    },
     "ppo": {
         **RL_SIZES,
         "policy.objective": "ppo",

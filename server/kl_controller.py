@@ -26,7 +26,9 @@ class AdaptiveKLController:
     def update(self, observed_kl: float, n_steps: int) -> float:
         """Move beta after a round with mean KL ``observed_kl`` over ``n_steps`` rollouts."""
         error = min(max(observed_kl / self.target - 1.0, -ERROR_CLIP), ERROR_CLIP)
-        self.beta *= 1.0 + error * n_steps / self.horizon
+        # A round of more samples than the horizon closes the error once, not more
+        # (past that the factor could reach 0 or below and beta would flip sign).
+        self.beta *= 1.0 + error * min(1.0, n_steps / self.horizon)
         return self.beta
 
     def state_dict(self) -> dict[str, float]:

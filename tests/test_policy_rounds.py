@@ -18,6 +18,8 @@ from tests.test_secure_rounds import make_stores, run_config
 
 POLICY = {
     "policy.objective": "ppo",
+    "policy.advantage": "gae",  # the value head trains too (critic-free: its own test)
+    "policy.samples-per-prompt": 1,
     "reward.rounds": 1,
     "policy.rounds": 2,
     "policy.iterations": 2,
@@ -48,7 +50,7 @@ def assert_beta_follows_the_controller(rounds: list[dict], config, beta: float) 
         assert h["samples"] >= 0
         assert h["beta"] == pytest.approx(beta)
         error = min(max(h["kl"] / config.kl_target - 1, -ERROR_CLIP), ERROR_CLIP)
-        beta *= 1 + error * h["samples"] / config.kl_horizon
+        beta *= 1 + error * min(1.0, h["samples"] / config.kl_horizon)
         assert h["next_beta"] == pytest.approx(beta)
     return beta
 

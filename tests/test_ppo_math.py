@@ -147,6 +147,12 @@ def test_adaptive_kl_controller_update_rule():
     assert FixedKLController(0.05).update(100.0, 256) == 0.05
 
 
+def test_adaptive_kl_controller_never_flips_beta_sign_on_a_large_round():
+    controller = AdaptiveKLController(beta=0.1, target=0.5, horizon=50)
+    controller.update(observed_kl=0.0, n_steps=5000)  # 100 horizons in one round
+    assert controller.beta == pytest.approx(0.1 * (1 - 0.2))
+
+
 def test_trust_region_takes_scales_or_rejects_the_step():
     from server.kl_controller import trust_region
 

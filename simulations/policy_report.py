@@ -45,7 +45,7 @@ UtilityFn = Callable[[str, str], float]
 """(prompt, response) -> the hidden true utility (the synthetic world only)."""
 
 
-def _evaluation_models(config: RunConfig):  # noqa: ANN202
+def evaluation_models(config: RunConfig):  # noqa: ANN201
     """(reward model, policy, tokenizer) on one base, as the run built them."""
     base, tokenizer = load_base(config.model.base, seed=config.seed)
     reward = build_reward_model(base, config.model, seed=config.seed)
@@ -53,14 +53,19 @@ def _evaluation_models(config: RunConfig):  # noqa: ANN202
 
 
 def policy_rounds(
-    config: RunConfig, run_dir: Path, prompts: list[str], utility: UtilityFn | None
+    config: RunConfig,
+    run_dir: Path,
+    prompts: list[str],
+    utility: UtilityFn | None,
+    models: tuple | None = None,
 ) -> list[dict[str, Any]]:
-    """Reward score, KL, win rate (and true utility) of each policy checkpoint's samples."""
+    """Reward score, KL, win rate (and true utility) of each policy checkpoint's samples
+    (``models``: :func:`evaluation_models`, built here if not given)."""
     run = RunDirectory(run_dir)
     checkpoints = sorted(run.checkpoints.glob("policy-round-*"))
     if not checkpoints:
         return []
-    reward, policy, tokenizer = _evaluation_models(config)
+    reward, policy, tokenizer = models or evaluation_models(config)
     prompts = prompts * EVAL_SAMPLES_PER_PROMPT
     sampling = SamplingSettings.of(config.policy)
     history = [
@@ -113,11 +118,12 @@ def kl_optimal_frontiers(
     prompts: list[str],
     utility: UtilityFn,
     samples: int = FRONTIER_SAMPLES,
+    models: tuple | None = None,
 ) -> tuple[Frontier, Frontier | None]:
     """The world's KL-optimal frontier on the held-out prompts, and the true utility of
     the reference tilted by the run's reward model (None without reward rounds):
     :mod:`simulations.kl_frontier`."""
-    reward, policy, tokenizer = _evaluation_models(config)
+    reward, policy, tokenizer = models or evaluation_models(config)
     run = RunDirectory(run_dir)
     final = run.load(sorted(run.checkpoints.glob("policy-round-*"))[-1])
     reward.load_trainable_state(final.reward)
@@ -315,11 +321,12 @@ def build_policy_report(
     frontier_samples: int = FRONTIER_SAMPLES,
 ) -> dict[str, Any] | None:
     """The ``policy`` section of report.json (None when the run had no policy rounds)."""
-    rows = policy_rounds(config, run_dir, prompts, utility)
-    if not rows:
+    if not any(RunDirectory(run_dir).checkpoints.glob("policy-round-*")):
         return None
+    models = evaluation_models(config)  # one base for every checkpoint and the frontier
+    rows = policy_rounds(config, run_dir, prompts, utility, models)
     frontier, by_reward = (
-        kl_optimal_frontiers(config, run_dir, prompts, utility, frontier_samples)
+        kl_optimal_frontiers(config, run_dir, prompts, utility, frontier_samples, models)
         if utility is not None
         else (None, None)
     )

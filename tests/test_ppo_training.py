@@ -57,53 +57,19 @@ def test_rollouts_end_at_eos_and_start_at_the_reference(policy_and_tokenizer):
     torch.testing.assert_close(rollouts.logp_old, rollouts.logp_ref)
 
 
-def test_one_gradient_per_rollout_equal_to_one_at_a_time(policy_and_tokenizer):
-    policy, tokenizer = policy_and_tokenizer
+def move_off_the_reference(policy) -> None:
+    """Perturb the trainable tensors, so that LoRA's A gets gradients too (B is 0)."""
     with torch.no_grad():
         for p in policy.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    r = generate_rollouts(
-        policy, tokenizer, PROMPTS, letter_score, SamplingSettings(max_new_tokens=6), seed=1
-    )
-    advantages = torch.randn_like(r.logp_old)
-    params = [p for n, p in policy.named_parameters() if ".policy." in n]  # the policy loss's
-
-    def loss_of(model, rows):
-        logits, _ = model(r.ids[rows], r.mask[rows], r.positions[rows])
-        return clipped_policy_loss(
-            token_logprobs(logits, r.ids[rows]), r.logp_old[rows], advantages[rows],
-            r.response_mask[rows], 0.2, per_sequence=True,
-        ).loss  # fmt: skip
-
-    policy.train()
-    wrapped = GradSampleModule(policy, loss_reduction="mean")
-    loss_of(wrapped, torch.arange(len(r))).backward()
-    per_rollout = [p.grad_sample.detach().clone() for p in params]
-    wrapped._close()
-    for p in params:
-        p.grad = None
-    assert all(g.shape[0] == len(r) for g in per_rollout)
-    for i in range(len(r)):
-        grads = torch.autograd.grad(loss_of(policy, torch.tensor([i])), params)
-        for single, rows in zip(grads, per_rollout, strict=True):
-            torch.testing.assert_close(rows[i], single, rtol=1e-4, atol=1e-6)
-    policy.eval()
 
 
-def test_one_gradient_per_prompt_group_equal_to_one_group_at_a_time(policy_and_tokenizer):
-    policy, tokenizer = policy_and_tokenizer
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    k = 3
-    r = generate_rollouts(
-        policy, tokenizer, repeat_prompts(PROMPTS, k), letter_score,
-        SamplingSettings(max_new_tokens=6), seed=2,
-    )  # fmt: skip
-    advantages = torch.randn(len(r)).unsqueeze(1) * r.response_mask
-    params = [p for n, p in policy.named_parameters() if ".policy." in n]
+def assert_per_unit_gradients_are_one_unit_at_a_time(policy, r, advantages, k: int) -> None:
+    """Opacus's per-response gradients of the clipped surrogate, averaged over each group
+    of ``k`` responses (:func:`group_grad_samples`), equal the plain gradient of each
+    group's own mean loss."""
+    params = [p for n, p in policy.named_parameters() if ".policy." in n]  # the loss's
 
     def loss_of(model, rows):
         logits, _ = model(r.ids[rows], r.mask[rows], r.positions[rows])
@@ -116,17 +82,38 @@ def test_one_gradient_per_prompt_group_equal_to_one_group_at_a_time(policy_and_t
     wrapped = GradSampleModule(policy, loss_reduction="mean")
     loss_of(wrapped, torch.arange(len(r))).backward()
     group_grad_samples(params, k)
-    per_group = [p.grad_sample.detach().clone() for p in params]
+    per_unit = [p.grad_sample.detach().clone() for p in params]
     wrapped._close()
     for p in params:
         p.grad = None
-    assert all(g.shape[0] == len(PROMPTS) for g in per_group)
-    for g in range(len(PROMPTS)):
-        # One group alone: the gradient of its responses' mean loss.
-        grads = torch.autograd.grad(loss_of(policy, torch.arange(g * k, (g + 1) * k)), params)
-        for single, rows in zip(grads, per_group, strict=True):
-            torch.testing.assert_close(rows[g], single, rtol=1e-4, atol=1e-6)
+    units = len(r) // k
+    assert all(g.shape[0] == units for g in per_unit)
+    for u in range(units):
+        grads = torch.autograd.grad(loss_of(policy, torch.arange(u * k, (u + 1) * k)), params)
+        for single, rows in zip(grads, per_unit, strict=True):
+            torch.testing.assert_close(rows[u], single, rtol=1e-4, atol=1e-6)
     policy.eval()
+
+
+def test_one_gradient_per_rollout_equal_to_one_at_a_time(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    move_off_the_reference(policy)
+    r = generate_rollouts(
+        policy, tokenizer, PROMPTS, letter_score, SamplingSettings(max_new_tokens=6), seed=1
+    )
+    assert_per_unit_gradients_are_one_unit_at_a_time(policy, r, torch.randn_like(r.logp_old), k=1)
+
+
+def test_one_gradient_per_prompt_group_equal_to_one_group_at_a_time(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    move_off_the_reference(policy)
+    k = 3
+    r = generate_rollouts(
+        policy, tokenizer, repeat_prompts(PROMPTS, k), letter_score,
+        SamplingSettings(max_new_tokens=6), seed=2,
+    )  # fmt: skip
+    advantages = torch.randn(len(r)).unsqueeze(1) * r.response_mask
+    assert_per_unit_gradients_are_one_unit_at_a_time(policy, r, advantages, k)
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "grpo"])
@@ -136,10 +123,7 @@ def test_dp_step_without_noise_or_clipping_is_the_plain_group_step(policy_and_to
     step, so the groups are formed and weighed right."""
     policy, tokenizer = policy_and_tokenizer
     policy.value_head.requires_grad_(False)  # critic-free: the policy round freezes it
-    with torch.no_grad():  # off the reference, so that LoRA's A gets gradients too
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    move_off_the_reference(policy)
     k = 2
     settings = PPOSettings(
         ppo_epochs=1, advantage=advantage, samples_per_prompt=k, kl_penalty="loss"

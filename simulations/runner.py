@@ -41,6 +41,7 @@ from simulations.baselines import (
 )
 from simulations.flower_runtime import SimulationSuperLink
 from simulations.kl_frontier import FRONTIER_SAMPLES
+from simulations.policy_fork import fork_policy_phase
 from simulations.policy_report import build_policy_report, plot_objectives
 from simulations.pretrain import PretrainConfig, pretrained_base
 from simulations.report import Baselines, build_report
@@ -64,8 +65,8 @@ class SimulationOptions:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     baselines: bool = True
     compare_objectives: bool = False
-    """After the run, federate the other policy objective (PPO or DPO) on fresh copies
-    of the same stores, with the same budget, and compare the two."""
+    """After the run, run the policy phase again with every other method (DPO, PPO-GAE,
+    RLOO, GRPO), forked from this run's reward phase, and compare them all."""
     timeout: float = 3600.0
     frontier_samples: int = FRONTIER_SAMPLES
     """Reference responses per held-out prompt for the KL-optimal frontier."""
@@ -284,12 +285,14 @@ METHODS: dict[str, dict[str, bool | int | float | str]] = {
 def _run_other_methods(
     scenario: Scenario,
     config: RunConfig,
+    stores: list[Path],
     overrides: dict,
     run_dir: Path,
     options: SimulationOptions,
 ) -> dict[str, dict]:
-    """The policy phase with every other method, each on fresh stores of the same world
-    and the same budget (reward rounds included, as the RL methods need them)."""
+    """The policy phase with every other method, each forked from this run at the end of
+    its reward phase (:mod:`simulations.policy_fork`): the same reward model, stores and
+    remaining budget."""
     reports = {}
     for method, settings in METHODS.items():
         if method == config.policy.method:
@@ -302,9 +305,8 @@ def _run_other_methods(
             "client.store": str(method_dir / "stores" / "org-{partition-id}.sqlite"),
         }
         method_config = RunConfig().replace(**method_overrides)
-        scenario.fill_stores(method_config, method_dir)
-        clear_run(method_dir)
-        console.print(f"[bold]{method.upper()} on the same data[/bold] -> {method_dir}")
+        fork_policy_phase(run_dir, method_dir, stores)
+        console.print(f"[bold]{method.upper()} from the same reward model[/bold] -> {method_dir}")
         federate(
             method_config, method_overrides, method_dir, scenario.organizations, options.timeout
         )
@@ -386,7 +388,7 @@ def run_simulation(options: SimulationOptions) -> dict:
         report["policy"] = scenario.policy_report(config, run_dir)
     if options.compare_objectives and report["policy"]:
         with _step(timings, "other methods"):
-            others = _run_other_methods(scenario, config, overrides, run_dir, options)
+            others = _run_other_methods(scenario, config, stores, overrides, run_dir, options)
         report["comparison"] = others
         plot_objectives(
             run_dir / "objectives.png", {config.policy.method: report["policy"], **others}

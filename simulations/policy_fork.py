@@ -1,0 +1,50 @@
+"""A finished run, rewound to the start of its policy phase, for another policy method.
+
+``--compare-objectives`` runs every policy method from the same reward model, on the
+same stores and the same remaining budget. Rather than training the reward phase again
+for each method (minutes each, and a different reward model each time), the runner
+forks the run at the reward/policy boundary: the server's checkpoint written when the
+reward phase ended (``policy-round-0000``) and each organization's store as it was
+then. A store changes in the policy phase only by its privacy ledger (and the replay
+guard's last served round, which only grows), so the fork's store is a copy whose
+ledger loses the policy phase's entries. The fork continues the server-round counter,
+so no round number is sent twice to the same store.
+
+Only the simulation forks: a deployment's ledger is never rewritten.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+from server.checkpoints import RunDirectory
+
+POLICY_START = "policy-round-0000"
+"""The checkpoint the server writes when the reward phase has ended."""
+
+
+def fork_policy_phase(source: Path, target: Path, stores: list[Path]) -> list[Path]:
+    """Copy ``source`` at the start of its policy phase into ``target``; returns the
+    copied stores (same names, under ``target / "stores"``)."""
+    start = source / "checkpoints" / POLICY_START
+    if not start.exists():
+        raise FileNotFoundError(f"{source} has no {POLICY_START} checkpoint to fork from")
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "checkpoints").mkdir(parents=True)
+    for checkpoint in (source / "checkpoints").iterdir():
+        if checkpoint.name.startswith("reward-round-") or checkpoint.name == POLICY_START:
+            shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
+    shutil.copy2(source / "SERVER_ROUND", target / "SERVER_ROUND")
+    (target / "LATEST").write_text(POLICY_START)
+    copies = []
+    for store in stores:
+        copy = target / "stores" / store.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(store) as original, sqlite3.connect(copy) as forked:
+            original.backup(forked)
+            forked.execute("DELETE FROM privacy_ledger WHERE phase = 'policy'")
+        copies.append(copy)
+    RunDirectory(target)  # the fork's metrics are rewritten from its state on resume
+    return copies

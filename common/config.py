@@ -153,7 +153,9 @@ class PolicyConfig:
     In the simulation, under DP, true utility stops rising past about 0.2 nats and
     falls past about a nat, while the reward model's score keeps climbing."""
     trust_region: str = "scale"
-    """``scale`` the step back to the bound, or ``reject`` the round."""
+    """Past the bound: ``scale`` the step back to it, ``reject`` the round, or ``shrink``
+    (take the step, then pull the policy towards the reference until it is back at the
+    bound; see :func:`server.kl_controller.trust_region`)."""
     trust_region_kl: str = "aggregate"
     """Whose KL the trust region reads: ``aggregate``, the aggregated candidate policy's,
     measured by the clients on their prompts in one more masked exchange per round (a
@@ -413,8 +415,8 @@ class RunConfig:
                 "policy.kl-bound must be >= policy.kl-target",
             ),
             (
-                self.policy.trust_region in ("scale", "reject"),
-                "policy.trust-region must be 'scale' or 'reject'",
+                self.policy.trust_region in ("scale", "reject", "shrink"),
+                "policy.trust-region must be 'scale', 'reject' or 'shrink'",
             ),
             (
                 self.policy.trust_region_kl in ("aggregate", "local"),

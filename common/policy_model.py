@@ -36,6 +36,17 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return torch.gather(logp, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def shrink_towards_reference(
+    state: dict[str, torch.Tensor], factor: float
+) -> dict[str, torch.Tensor]:
+    """The policy whose every LoRA delta ``B @ A`` is ``factor`` times that of ``state``:
+    the lora_B matrices scaled (the reference is B = 0). The value head is kept."""
+    return {
+        name: tensor * factor if name.startswith(POLICY_PREFIX) and "lora_B" in name else tensor
+        for name, tensor in state.items()
+    }
+
+
 class PolicyModel(nn.Module):
     def __init__(self, lm: PeftModel, value_head: nn.Linear) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ observed KL is the aggregate (mean over the round's clients, through SecAgg+).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 ERROR_CLIP = 0.2
@@ -48,11 +49,21 @@ class FixedKLController:
         return asdict(self)
 
 
+TRUST_REGION_MODES = ("scale", "reject", "shrink")
+
+
 @dataclass(frozen=True)
 class TrustRegionDecision:
     scale: float
     """Multiplier for the aggregated update: 1 (as is), in (0, 1) (scaled back), 0 (rejected)."""
     reason: str
+    shrink: float = 1.0
+    """Multiplier for the stepped policy's distance from the reference (``shrink`` mode)."""
+
+    def predicted_kl(self, kl_current: float, kl_proposed: float) -> float:
+        """The new global policy's KL, by the model each mode assumes: a straight line
+        along the step, and KL quadratic in the distance from the reference when shrunk."""
+        return (kl_current + self.scale * (kl_proposed - kl_current)) * self.shrink**2
 
 
 def trust_region(
@@ -66,12 +77,29 @@ def trust_region(
     round; ``mode="scale"`` takes the fraction ``s`` of the step at which the straight
     line between the two KL values meets the bound: if KL is convex along the step
     (it is in a policy's natural parameters), the line lies above it, so the
-    scaled-back policy stays within the bound.
+    scaled-back policy stays within the bound. Both stop the policy for good once it
+    sits at the bound: every step from there leads out.
+
+    ``mode="shrink"`` takes the whole step, then pulls the policy towards the reference
+    (every adapter delta times ``sqrt(bound / kl_proposed)``: KL is quadratic in a small
+    delta) until it is back at the bound. The step's direction is kept, so a policy at
+    the bound still moves: what the rounds agree on builds up, while DP noise, which
+    points anywhere, is shrunk away like weight decay.
     """
-    if mode not in ("scale", "reject"):
-        raise ValueError(f"trust-region mode must be 'scale' or 'reject', got {mode!r}")
+    if mode not in TRUST_REGION_MODES:
+        raise ValueError(
+            f"trust-region mode must be one of {', '.join(TRUST_REGION_MODES)}, got {mode!r}"
+        )
     if kl_proposed <= bound:
         return TrustRegionDecision(1.0, f"KL {kl_proposed:.4g} within the bound {bound:.4g}")
+    if mode == "shrink":
+        shrink = math.sqrt(bound / kl_proposed)
+        return TrustRegionDecision(
+            1.0,
+            f"shrunk by {shrink:.3f} towards the reference: KL {kl_proposed:.4g} would pass "
+            f"the bound {bound:.4g}",
+            shrink,
+        )
     if kl_proposed < kl_current:
         return TrustRegionDecision(
             1.0, f"KL {kl_proposed:.4g} still past the bound {bound:.4g}, but moving back"

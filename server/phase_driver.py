@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.model import RewardModel, build_reward_model, load_base
-from common.policy_model import PolicyModel, add_policy
+from common.policy_model import PolicyModel, add_policy, shrink_towards_reference
 from common.protocol import RoundInstruction
 from common.wire import (
     CANDIDATE_STATS,
@@ -320,6 +320,10 @@ class PhaseDriver:
             figures = self._reward_figures("train", sums)
         if any(u.abs().max() > 0 for u in update.values()):
             self.weights[phase] = optimizer.step(self.weights[phase], update)
+        if figures.get("trust_region_shrink", 1.0) < 1.0:
+            self.weights[phase] = shrink_towards_reference(
+                self.weights[phase], figures["trust_region_shrink"]
+            )
         target = self.policy if phase == "policy" else self.model
         target.load_trainable_state(self.weights[phase])
         self.state.round = round_
@@ -354,18 +358,19 @@ class PhaseDriver:
             figures = self._policy_figures("train", sums)
             kl_current, kl_proposed = figures["kl"], figures["kl_after"]
         decision = trust_region(kl_current, kl_proposed, pc.kl_bound, pc.trust_region)
-        if pc.measures_candidate:  # the new global policy's KL, on the line the rule assumes
-            self.state.policy_kl = kl_current + decision.scale * (kl_proposed - kl_current)
+        if pc.measures_candidate:  # the new global policy's KL, by the rule's own model
+            self.state.policy_kl = decision.predicted_kl(kl_current, kl_proposed)
         beta_used = self.kl_controller.beta
         self.kl_controller.update(kl_current, figures["samples"])
         self.state.kl_controller = self.kl_controller.state_dict()
-        if decision.scale < 1.0:
+        if decision.scale < 1.0 or decision.shrink < 1.0:
             log.warning("policy round %d: trust region: %s", round_, decision.reason)
         return {name: u * decision.scale for name, u in update.items()}, {
             **figures,
             "beta": beta_used,
             "next_beta": self.kl_controller.beta,
             "trust_region_scale": decision.scale,
+            "trust_region_shrink": decision.shrink,
             "trust_region": decision.reason,
         }
 

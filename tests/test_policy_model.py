@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 
 from common.config import ModelConfig, RunConfig
 from common.model import build_reward_model, encode_texts, load_base
-from common.policy_model import POLICY_ADAPTER, add_policy, load_policy, token_logprobs
+from common.policy_model import (
+    POLICY_ADAPTER,
+    add_policy,
+    load_policy,
+    shrink_towards_reference,
+    token_logprobs,
+)
 
 
 def perturb(model, adapter: str, scale: float = 0.5) -> None:
@@ -118,3 +125,30 @@ def test_one_copy_of_the_base_weights_serves_every_role_in_a_client_process(tiny
              **_storages(policy, lambda n: "lora_" in n or n.startswith("value_head."))}  # fmt: skip
     assert not set(extra) & set(base_storages)
     assert sum(extra.values()) < 0.5 * sum(one_copy.values())
+
+
+def test_shrinking_towards_the_reference_scales_the_kl_quadratically(tiny_base_dir):
+    """The trust region's ``shrink`` mode predicts KL x factor^2 for small deltas, and
+    factor 0 is the reference itself."""
+    base, tokenizer = load_base(str(tiny_base_dir))
+    policy = add_policy(build_reward_model(base, ModelConfig(), seed=1).lm, ModelConfig(), seed=2)
+    perturb(policy.lm, POLICY_ADAPTER, scale=0.02)
+    moved = {k: v.clone() for k, v in policy.trainable_state().items()}
+    ids, mask = batch(tokenizer)
+    with policy.lm.disable_adapter(), torch.no_grad():
+        reference = torch.log_softmax(policy.lm(input_ids=ids, attention_mask=mask).logits, -1)
+
+    def kl_at(factor: float) -> float:
+        policy.load_trainable_state(shrink_towards_reference(moved, factor))
+        with torch.no_grad():
+            logits, _ = policy(ids, mask)
+        logp = torch.log_softmax(logits, -1)
+        return float((logp.exp() * (logp - reference)).sum(-1)[mask.bool()].mean())
+
+    full = kl_at(1.0)
+    assert full > 1e-4
+    assert kl_at(0.5) == pytest.approx(full / 4, rel=0.1)
+    assert kl_at(0.0) == pytest.approx(0.0, abs=1e-6)
+    shrunk = shrink_towards_reference(moved, 0.5)
+    assert torch.equal(shrunk["value.weight"], moved["value.weight"])
+    assert any("lora_A" in k and torch.equal(shrunk[k], moved[k]) for k in moved)

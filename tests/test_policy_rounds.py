@@ -210,6 +210,34 @@ def test_trust_region_scales_a_step_back_to_the_bound(tiny_base_dir, tmp_path, t
     assert h["update_norm"] == pytest.approx(0.5 * h_free["update_norm"], rel=1e-3)
 
 
+def test_trust_region_shrink_pulls_the_stepped_policy_back_towards_the_reference(
+    tiny_base_dir, tmp_path
+):
+    plain = {"federation.secure-aggregation": False, "privacy.enabled": False, "policy.rounds": 1}
+    free, _, _, _ = run_policy(tiny_base_dir, tmp_path, "free", **plain)
+    (h_free,) = [h for h in free.state.history if h["phase"] == "policy" and h["task"] == "train"]
+    assert h_free["kl_candidate"] > 0
+    bound = h_free["kl_candidate"] / 4  # KL x shrink^2 = bound: shrink 0.5
+    shrunk, _, _, _ = run_policy(
+        tiny_base_dir,
+        tmp_path,
+        "shrunk",
+        **plain,
+        **{"policy.kl-bound": bound, "policy.kl-target": bound, "policy.trust-region": "shrink"},
+    )
+    (h,) = [h for h in shrunk.state.history if h["phase"] == "policy" and h["task"] == "train"]
+    assert (h["trust_region_scale"], h["trust_region_shrink"]) == (1.0, pytest.approx(0.5))
+    assert h["trust_region"].startswith("shrunk by 0.500")
+    assert shrunk.state.policy_kl == pytest.approx(bound)
+    final = {}
+    for name, driver in (("free", free), ("shrunk", shrunk)):
+        run = RunDirectory(driver.config.run_dir)
+        final[name] = run.load(run.checkpoints / "policy-round-0001").policy
+    for name, tensor in final["free"].items():
+        factor = 0.5 if "lora_B" in name else 1.0
+        torch.testing.assert_close(final["shrunk"][name], factor * tensor, msg=name)
+
+
 def test_dpo_objective_trains_the_policy_on_local_comparisons(tiny_base_dir, tmp_path):
     driver, state, _, stores = run_policy(
         tiny_base_dir, tmp_path, "dpo", **{"policy.objective": "dpo", "reward.rounds": 0}

@@ -166,3 +166,17 @@ def test_trust_region_takes_scales_or_rejects_the_step():
     assert trust_region(6.0, 5.0, 4.0, "reject").scale == 1.0  # but a step back is taken
     with pytest.raises(ValueError, match="scale"):
         trust_region(1.0, 2.0, 4.0, "clip")
+
+
+def test_trust_region_shrink_takes_the_step_and_pulls_back_to_the_bound():
+    from server.kl_controller import trust_region
+
+    within = trust_region(0.5, 0.7, 0.75, "shrink")
+    assert (within.scale, within.shrink) == (1.0, 1.0)
+    assert within.predicted_kl(0.5, 0.7) == pytest.approx(0.7)
+    # At the bound already, where "scale" rejects every step, "shrink" still moves.
+    assert trust_region(0.75, 3.0, 0.75, "scale").scale == 0.0
+    shrunk = trust_region(0.75, 3.0, 0.75, "shrink")
+    assert shrunk.scale == 1.0 and shrunk.shrink == pytest.approx(0.5)
+    assert shrunk.predicted_kl(0.75, 3.0) == pytest.approx(0.75)
+    assert "shrunk by 0.500" in shrunk.reason

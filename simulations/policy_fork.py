@@ -8,7 +8,9 @@ reward phase ended (``policy-round-0000``) and each organization's store as it w
 then. A store changes in the policy phase only by its privacy ledger (and the replay
 guard's last served round, which only grows), so the fork's store is a copy whose
 ledger loses the policy phase's entries. The fork continues the server-round counter,
-so no round number is sent twice to the same store.
+so no round number is sent twice to the same store. The fresh policy adapter is not
+copied (it is the reference, whatever its shape), so a fork may change the policy's
+LoRA shape too.
 
 Only the simulation forks: a deployment's ledger is never rewritten.
 """
@@ -19,6 +21,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from common.policy_model import POLICY_ADAPTER
 from server.checkpoints import RunDirectory
 
 POLICY_START = "policy-round-0000"
@@ -37,6 +40,9 @@ def fork_policy_phase(source: Path, target: Path, stores: list[Path]) -> list[Pa
         if checkpoint.name.startswith("reward-round-") or checkpoint.name == POLICY_START:
             shutil.copytree(checkpoint, target / "checkpoints" / checkpoint.name)
     shutil.copy2(source / "SERVER_ROUND", target / "SERVER_ROUND")
+    # Drop the fresh policy adapter: it is the reference whatever its shape, and the fork
+    # may give the policy another one (targets, rank); the server builds it anew.
+    shutil.rmtree(target / "checkpoints" / POLICY_START / POLICY_ADAPTER, ignore_errors=True)
     (target / "LATEST").write_text(POLICY_START)
     copies = []
     for store in stores:

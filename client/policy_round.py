@@ -186,7 +186,7 @@ def policy_round(
     )
     before = measure(round_seed(instruction, store, "measure before")) if releases else None
 
-    train_only(policy, POLICY_ADAPTER, objective.trained_heads)
+    train_only(policy, POLICY_ADAPTER, objective.trained_heads, pc.freeze_lora_a)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = OptimizerSettings.of(pc).build(params)
     loss_text = objective.train(

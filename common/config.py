@@ -106,6 +106,12 @@ class PolicyConfig:
     lora_targets: str = "all-linear"
     """The policy adapter's modules. LoRA on the attention projections alone barely
     moves a small model's outputs; the MLPs carry most of what a policy changes."""
+    freeze_lora_a: bool = False
+    """Train the policy adapter's B matrices only, A staying at its seeded start
+    (FFA-LoRA, Sun et al. 2024, "Improving LoRA in Privacy-preserving Federated
+    Learning"): A gets no gradient while B = 0, so DP-SGD would give it noise alone;
+    with A fixed, the federated mean of the B updates is exactly the mean of the
+    clients' weight deltas."""
     iterations: int = 2
     """PPO iterations per round (rollouts, then updates), or DPO steps per round."""
     batch_size: int = 64

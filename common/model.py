@@ -241,15 +241,20 @@ def keep_trainable(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def train_only(model: nn.Module, adapter: str, heads: tuple[str, ...] = ()) -> None:
+def train_only(
+    model: nn.Module, adapter: str, heads: tuple[str, ...] = (), freeze_lora_a: bool = False
+) -> None:
     """Make exactly one adapter's LoRA tensors and the named heads trainable.
 
     The base is shared by the reward and policy adapters; a process that served one
     phase must not carry that phase's trainable tensors into the other (Opacus would
-    expect per-sample gradients for them).
+    expect per-sample gradients for them). ``freeze_lora_a`` trains the adapter's B
+    matrices only (FFA-LoRA, Sun et al. 2024): at B = 0 the A matrices get no gradient
+    at all, so under DP-SGD they would take noise alone.
     """
     for name, p in model.named_parameters():
-        p.requires_grad_(f".{adapter}." in name or name.startswith(heads))
+        lora = f".{adapter}." in name and not (freeze_lora_a and ".lora_A." in name)
+        p.requires_grad_(lora or name.startswith(heads))
 
 
 @contextmanager

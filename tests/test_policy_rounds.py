@@ -148,6 +148,17 @@ def test_critic_free_rounds_train_the_adapter_and_leave_the_value_head(
         assert ("policy", "training", "prompt") in units
 
 
+def test_frozen_lora_a_trains_the_b_matrices_only_under_dp(tiny_base_dir, tmp_path):
+    driver, state, _, _ = run_policy(
+        tiny_base_dir, tmp_path, "ffa", **{"policy.freeze-lora-a": True, "policy.rounds": 1}
+    )
+    run = RunDirectory(driver.config.run_dir)
+    start = run.load(run.checkpoints / "policy-round-0000").policy
+    final = run.load(run.checkpoints / "policy-round-0001").policy
+    lora = [name for name in start if ".lora_" in name]
+    assert lora and all(torch.equal(start[n], final[n]) == (".lora_A." in n) for n in lora)
+
+
 KL_READ = {"aggregate": "kl_candidate", "local": "kl_after"}
 """What the trust region reads, by ``policy.trust-region-kl``."""
 

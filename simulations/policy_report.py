@@ -74,10 +74,12 @@ def policy_rounds(
     trained = {h["round"]: h for h in history if h["phase"] == "policy" and h["task"] == "train"}
     rows = []
     reference_scores = None
+    fresh = {name: t.detach().clone() for name, t in policy.trainable_state().items()}
     for checkpoint in checkpoints:
         saved = run.load(checkpoint)
         reward.load_trainable_state(saved.reward)
-        policy.load_trainable_state(saved.policy)
+        # A forked run's first checkpoint keeps no policy adapter: it is the reference.
+        policy.load_trainable_state(saved.policy if saved.policy is not None else fresh)
         round_ = int(checkpoint.name.rsplit("-", 1)[1])
 
         def score(p, r):  # noqa: ANN001, ANN202

@@ -162,8 +162,12 @@ class PolicyModel(nn.Module):
 def add_policy(lm: PeftModel, config: ModelConfig, seed: int = 0) -> PolicyModel:
     """Add a fresh ``policy`` adapter and value head to a PEFT model (the reward model's).
 
-    LoRA's B matrices start at zero, so the fresh policy equals the reference.
+    LoRA's B matrices start at zero, so the fresh policy equals the reference. A policy
+    adapter already there (a process that served a run with another policy shape) is
+    replaced.
     """
+    if POLICY_ADAPTER in lm.peft_config:
+        lm.delete_adapter(POLICY_ADAPTER)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         base = lm.get_base_model()

@@ -243,8 +243,8 @@ def federate(
 
 RL_SIZES = {
     "policy.iterations": 2,
-    "policy.learning-rate": 0.05,
-    "policy.max-grad-norm": 1.0,
+    "policy.learning-rate": 0.2,
+    "policy.max-grad-norm": 0.2,
 }
 """The RL methods' sizes (the defaults): each prompt costs generations, and under DP few
 large steps are their best case."""

@@ -133,10 +133,10 @@ class PolicyConfig:
     max_grad_norm: float = 0.2
     """Per-unit clipping norm C of the policy phase's DP-SGD (one prompt's responses or
     one comparison). RLOO's per-prompt gradients at the reference have norms of about
-    0.25-1.1 (10th-90th percentile) in the simulation: clipped at 0.2 nearly all are
-    normalized, and the clipped mean keeps 0.2 C of signal against 0.13 C at C = 1, so
-    the same noise multiplier buys 1.6 times the signal-to-noise (a smaller C needs a
-    larger learning rate). For DPO use about 4 (``--compare-objectives`` does): DPO's
+    0.2-0.9 (10th-90th percentile) in the simulation: clipped at 0.2 nearly all are
+    normalized, and the clipped mean keeps 0.16 C of signal against 0.08 C at C = 1, so
+    the same noise multiplier buys 1.9 times the signal-to-noise (a smaller C needs a
+    larger learning rate; ``benchmarks/policy_gradient_snr.py``). For DPO use about 4 (``--compare-objectives`` does): DPO's
     per-comparison gradients at beta 1.5 have norms of about 3-5 on the simulation's
     base, and clipping all of them to 1 bought less true utility per nat of KL."""
     minibatches: int = 1

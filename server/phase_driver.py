@@ -11,8 +11,8 @@ final evaluation gets the final model's figures on the clients' held-out compari
 Policy rounds send the policy adapter + value head, the frozen reward model and the
 KL coefficient beta; the aggregated KL of the incoming policy moves beta (the KL
 controller), and the KL of the aggregated candidate, measured by the clients in one
-more masked exchange (``measure``), decides whether the step is taken, scaled back or
-rejected (the trust region). Every figure the
+more masked exchange (``measure``), decides whether the step is taken, scaled back,
+rejected, or taken and shrunk back towards the reference (the trust region). Every figure the
 server reads is a sum of the clients' DP-noised statistics (:mod:`common.dp_statistics`).
 A restarted server resumes after the last complete checkpoint.
 """

@@ -19,6 +19,7 @@ from the reference for one organization's prompts, and prints
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import warnings
 from pathlib import Path
@@ -47,7 +48,7 @@ CLIP_NORMS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 def per_prompt_gradients(run_dir: Path, prompts: int, k: int, seed: int = 0):  # noqa: ANN201
-    flat = __import__("json").loads((run_dir / "run_config.json").read_text())
+    flat = json.loads((run_dir / "run_config.json").read_text())
     config = RunConfig.from_flower({**flat, "policy.samples-per-prompt": k})
     reward, policy, tokenizer = cached_policy_model(config.model, config.policy_model)
     run = RunDirectory(run_dir)

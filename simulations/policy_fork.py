@@ -10,19 +10,22 @@ guard's last served round, which only grows), so the fork's store is a copy whos
 ledger loses the policy phase's entries. The fork continues the server-round counter,
 so no round number is sent twice to the same store. The fresh policy adapter is not
 copied (it is the reference, whatever its shape), so a fork may change the policy's
-LoRA shape too.
+LoRA shape too. The KL controller's saved state is dropped as well, so the fork's
+policy phase starts from its own configuration's beta (``policy.beta``, or
+``policy.dpo-beta`` for DPO), not the source's.
 
 Only the simulation forks: a deployment's ledger is never rewritten.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
 
 from common.policy_model import POLICY_ADAPTER
-from server.checkpoints import RunDirectory
+from server.checkpoints import STATE_FILE, RunDirectory
 
 POLICY_START = "policy-round-0000"
 """The checkpoint the server writes when the reward phase has ended."""
@@ -43,6 +46,10 @@ def fork_policy_phase(source: Path, target: Path, stores: list[Path]) -> list[Pa
     # Drop the fresh policy adapter: it is the reference whatever its shape, and the fork
     # may give the policy another one (targets, rank); the server builds it anew.
     shutil.rmtree(target / "checkpoints" / POLICY_START / POLICY_ADAPTER, ignore_errors=True)
+    state_file = target / "checkpoints" / POLICY_START / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["kl_controller"] = {}
+    state_file.write_text(json.dumps(state))
     (target / "LATEST").write_text(POLICY_START)
     copies = []
     for store in stores:

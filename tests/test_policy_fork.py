@@ -33,9 +33,12 @@ def test_a_fork_reruns_the_policy_phase_from_the_same_reward_model(tiny_base_dir
     assert (fork_dir / "LATEST").read_text() == POLICY_START
     assert not (fork_dir / "checkpoints" / POLICY_START / "policy").exists()
 
-    # Another policy shape: the fork builds its own fresh adapter.
+    # Another policy shape and beta: the fork builds its own fresh adapter and controller.
+    assert source.kl_controller.beta != 0.7
     flat = run_config(
-        tiny_base_dir, fork_dir, **{**POLICY, "policy.rounds": 1, "policy.lora-targets": "q_proj"}
+        tiny_base_dir,
+        fork_dir,
+        **{**POLICY, "policy.rounds": 1, "policy.lora-targets": "q_proj", "policy.beta": 0.7},
     )
     node_configs = {
         node: {**cfg, "store": str(copy)}
@@ -45,6 +48,8 @@ def test_a_fork_reruns_the_policy_phase_from_the_same_reward_model(tiny_base_dir
     state = PhaseDriver(grid, grid.server_context, RunConfig.from_flower(flat)).run_all()
 
     assert state.finished
+    first = next(h for h in state.history if h["phase"] == "policy" and h["task"] == "train")
+    assert first["beta"] == 0.7
     run, origin = RunDirectory(fork_dir), RunDirectory(source_dir)
     final = run.load(run.latest())
     reward_then = origin.load(origin.checkpoints / POLICY_START).reward
